@@ -1,0 +1,101 @@
+//! `decide` at 10, 1,000 and 10,000 releases with 8 request headers (goal: < 1 µs at 10,000),
+//! and `check` of 10,000 releases (goal: < 1 s). Run with `cargo xtask bench`.
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use steer::{
+    check,
+    config::{Config, Matcher, Release, Service, Version},
+    rules::{HeaderPairs, Ruleset},
+};
+
+/// `n` releases over a few tag headers, each a distinct combination so they do not conflict:
+/// release i matches x-user-group = group-i and x-device = (one of four devices).
+fn releases(n: usize) -> Config {
+    let devices = ["android", "iphone", "web", "tv"];
+    let versions = (0..n)
+        .map(|i| Version {
+            name: format!("c{i}"),
+            primary: false,
+            endpoints: vec![],
+        })
+        .chain([Version {
+            name: "v1".into(),
+            primary: true,
+            endpoints: vec![],
+        }])
+        .collect();
+    Config {
+        services: vec![Service {
+            name: "svc".into(),
+            addresses: vec![],
+            versions,
+        }],
+        releases: (0..n)
+            .map(|i| Release {
+                name: format!("r{i}"),
+                priority: i as u32 + 1,
+                matchers: vec![
+                    Matcher {
+                        header: "x-user-group".into(),
+                        exact: Some(format!("group-{i}")),
+                        prefix: None,
+                        regex: None,
+                    },
+                    Matcher {
+                        header: "x-device".into(),
+                        exact: Some(devices[i % devices.len()].into()),
+                        prefix: None,
+                        regex: None,
+                    },
+                ],
+                percent: None,
+                hash_by: None,
+                targets: [("svc".to_string(), format!("c{i}"))].into(),
+            })
+            .collect(),
+    }
+}
+
+fn request(n: usize) -> HeaderPairs {
+    HeaderPairs::new([
+        ("host", "svc.default.svc.cluster.local".to_string()),
+        ("user-agent", "okhttp/4.12".to_string()),
+        ("accept", "application/json".to_string()),
+        ("x-request-id", "4bf92f3577b34da6".to_string()),
+        ("x-device", "android".to_string()),
+        ("x-region", "atlantis".to_string()),
+        ("x-user-group", format!("group-{}", n / 2 / 4 * 4)),
+        ("x-user-id", "user-12345".to_string()),
+    ])
+}
+
+fn bench_decide(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decide");
+    for n in [10, 1_000, 10_000] {
+        let rules = Ruleset::compile(&releases(n)).unwrap();
+        let tags = request(n);
+        assert!(
+            rules.decide(&tags).is_some(),
+            "the benchmark request must match"
+        );
+        group.bench_with_input(BenchmarkId::from_parameter(n), &tags, |b, tags| {
+            b.iter(|| black_box(rules.decide(black_box(tags))).map(|r| r.priority))
+        });
+    }
+    group.finish();
+}
+
+fn bench_check(c: &mut Criterion) {
+    let config = releases(10_000);
+    let mut group = c.benchmark_group("check");
+    group.sample_size(10);
+    group.bench_function("10000", |b| {
+        b.iter(|| black_box(check::check(&config)).valid)
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_decide, bench_check);
+criterion_main!(benches);

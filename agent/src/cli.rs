@@ -1,0 +1,202 @@
+//! The `steer` command line. Exit codes are a contract scripts rely on: `check` and `explain`
+//! exit 0 when the configuration has no errors, 1 when it has, 2 when it cannot be read.
+
+use std::{fmt::Write as _, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{
+    check::{self, Report},
+    config::Config,
+    rules::HeaderPairs,
+    state::Snapshot,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "steer",
+    version,
+    about = "Sidecar-free full-stack multiple canary releases"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a configuration: conflicts, shadowed releases, overlaps.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Show which release and version a request with the given headers gets at a service.
+    Explain {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        service: String,
+        /// A request header, `Name: value`; repeat for more.
+        #[arg(long = "header", value_parser = HeaderPairs::parse_line)]
+        headers: Vec<(String, String)>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+const EXIT_INVALID: u8 = 1;
+const EXIT_UNREADABLE: u8 = 2;
+
+impl Cli {
+    pub fn run(self) -> ExitCode {
+        match self.command {
+            Command::Check { config, format } => run_check(&config, format),
+            Command::Explain {
+                config,
+                service,
+                headers,
+                format,
+            } => run_explain(&config, &service, headers, format),
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|err| {
+        eprintln!("error: {err}");
+        ExitCode::from(EXIT_UNREADABLE)
+    })
+}
+
+fn run_check(path: &std::path::Path, format: Format) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let report = check::check(&config);
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serialises")
+        ),
+        Format::Text => print!("{}", render_report(&path.display().to_string(), &report)),
+    }
+    if report.valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INVALID)
+    }
+}
+
+fn run_explain(
+    path: &std::path::Path,
+    service: &str,
+    headers: Vec<(String, String)>,
+    format: Format,
+) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let snapshot = match Snapshot::build(config) {
+        Ok((snapshot, _)) => snapshot,
+        Err(rejected) => {
+            eprint!(
+                "{}",
+                render_report(&path.display().to_string(), &rejected.0)
+            );
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let Some(explanation) = snapshot.explain(service, &HeaderPairs::new(headers)) else {
+        eprintln!("error: no service `{service}` in {}", path.display());
+        return ExitCode::from(EXIT_INVALID);
+    };
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string(&explanation).expect("explanation serialises")
+        ),
+        Format::Text => {
+            println!("service  {}", explanation.service);
+            println!(
+                "release  {}",
+                explanation.release.as_deref().unwrap_or("(none)")
+            );
+            println!("version  {}", explanation.version);
+            println!("reason   {}", explanation.reason);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn render_example(example: &std::collections::BTreeMap<String, String>) -> String {
+    if example.is_empty() {
+        return "any request".to_string();
+    }
+    example
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The report for people: one aligned line per finding, then what to change.
+pub fn render_report(origin: &str, report: &Report) -> String {
+    let mut out = String::new();
+    let verdict = if report.valid { "valid" } else { "INVALID" };
+    let _ = writeln!(
+        out,
+        "{origin}: {verdict} ({} error(s), {} warning(s), {} shadowed, {} overlap(s))",
+        report.errors.len(),
+        report.warnings.len(),
+        report.shadowed.len(),
+        report.overlaps.len()
+    );
+    for (title, findings) in [("error", &report.errors), ("warning", &report.warnings)] {
+        let width = findings.iter().map(|f| f.code.len()).max().unwrap_or(0);
+        for finding in findings {
+            let _ = writeln!(
+                out,
+                "  {title:<7}  {:<width$}  {}",
+                finding.code, finding.message
+            );
+        }
+    }
+    for shadow in &report.shadowed {
+        let _ = writeln!(
+            out,
+            "  shadowed `{}` by {}: e.g. {{{}}} goes to `{}`; give `{}` a smaller priority \
+             number (narrower releases first)",
+            shadow.release,
+            shadow
+                .by
+                .iter()
+                .map(|b| format!("`{b}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            render_example(&shadow.example),
+            shadow.by.first().map(String::as_str).unwrap_or("?"),
+            shadow.release,
+        );
+    }
+    for overlap in &report.overlaps {
+        let _ = writeln!(
+            out,
+            "  overlap  `{}` and `{}`: e.g. {{{}}} goes to `{}` (higher priority)",
+            overlap.releases[0],
+            overlap.releases[1],
+            render_example(&overlap.example),
+            overlap.winner
+        );
+    }
+    out
+}

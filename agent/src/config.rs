@@ -1,0 +1,258 @@
+//! The configuration model: services with their versions and endpoints, and canary releases.
+//!
+//! The same structs are the YAML file format and (later) the Kubernetes resource specs, so field
+//! names are camelCase and unknown fields are rejected: a typo must not silently drop a rule.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the agent needs to route: the mesh services and the canary releases over them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub services: Vec<Service>,
+    #[serde(default)]
+    pub releases: Vec<Release>,
+}
+
+/// A mesh service: the addresses callers connect to and the versions that serve it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    /// Where callers connect (the ClusterIP:port in Kubernetes).
+    #[serde(default)]
+    pub addresses: Vec<SocketAddr>,
+    pub versions: Vec<Version>,
+}
+
+/// One deployed version of a service and the endpoints (pod ip:port) that serve it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Version {
+    pub name: String,
+    /// Exactly one version of each service is primary: it takes all traffic no release claims.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub primary: bool,
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// A canary release: the traffic it takes (all matchers must hold) and, per service, the
+/// version that serves that traffic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Release {
+    pub name: String,
+    /// Smaller number = higher priority: priority 1 beats priority 2.
+    pub priority: u32,
+    #[serde(rename = "match", default)]
+    pub matchers: Vec<Matcher>,
+    /// Optional share of the matching users, 0 < percent <= 100; needs `hashBy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+    /// The header whose value keeps a user on the same side of `percent` (e.g. `x-user-id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_by: Option<String>,
+    /// Service name -> the version of that service that belongs to this release.
+    #[serde(default)]
+    pub targets: BTreeMap<String, String>,
+}
+
+/// One condition on a request header. Exactly one of `exact`, `prefix`, `regex` is set;
+/// with none of them the matcher is rejected by the checker.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Matcher {
+    pub header: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Must match the whole header value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+/// How a matcher compares a header value, once its form has been validated.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum MatchKind<'a> {
+    Exact(&'a str),
+    Prefix(&'a str),
+    Regex(&'a str),
+}
+
+impl Matcher {
+    /// The one comparison this matcher names, or why it does not name exactly one.
+    pub fn kind(&self) -> Result<MatchKind<'_>, String> {
+        match (&self.exact, &self.prefix, &self.regex) {
+            (Some(v), None, None) => Ok(MatchKind::Exact(v)),
+            (None, Some(v), None) => Ok(MatchKind::Prefix(v)),
+            (None, None, Some(v)) => Ok(MatchKind::Regex(v)),
+            (None, None, None) => Err(format!(
+                "matcher on header `{}` needs one of `exact`, `prefix` or `regex`",
+                self.header
+            )),
+            _ => Err(format!(
+                "matcher on header `{}` sets more than one of `exact`, `prefix`, `regex`",
+                self.header
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Matcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind() {
+            Ok(MatchKind::Exact(v)) => write!(f, "{}={v}", self.header),
+            Ok(MatchKind::Prefix(v)) => write!(f, "{}^={v}", self.header),
+            Ok(MatchKind::Regex(v)) => write!(f, "{}~/{v}/", self.header),
+            Err(_) => write!(f, "{}?", self.header),
+        }
+    }
+}
+
+/// A configuration file that could not be read or parsed (as opposed to one that parsed but
+/// breaks a rule, which the checker reports).
+#[derive(Debug)]
+pub struct LoadError {
+    pub path: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub reason: String,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(line), Some(column)) => {
+                write!(f, "{}:{line}:{column}: {}", self.path, self.reason)
+            }
+            _ => write!(f, "{}: {}", self.path, self.reason),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+impl Config {
+    /// Parses YAML text; `origin` names the source in error messages.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Config, LoadError> {
+        serde_yaml_ng::from_str(text).map_err(|err| {
+            let location = err.location();
+            LoadError {
+                path: origin.to_string(),
+                line: location.as_ref().map(|l| l.line()),
+                column: location.as_ref().map(|l| l.column()),
+                reason: strip_location(&err.to_string()),
+            }
+        })
+    }
+
+    /// Reads and parses a YAML configuration file.
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| LoadError {
+            path: origin.clone(),
+            line: None,
+            column: None,
+            reason: format!("cannot read: {err}"),
+        })?;
+        Config::from_yaml(&text, &origin)
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
+}
+
+/// serde_yaml appends " at line L column C" to its messages; we print the location ourselves.
+fn strip_location(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(at) => message[..at].to_string(),
+        None => message.to_string(),
+    }
+}
+
+impl Service {
+    pub fn primary(&self) -> Option<&Version> {
+        self.versions.iter().find(|v| v.primary)
+    }
+
+    pub fn version(&self, name: &str) -> Option<&Version> {
+        self.versions.iter().find(|v| v.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let config = Config::from_yaml(
+            r#"
+services:
+  - name: restaurant
+    addresses: ["10.96.0.20:80"]
+    versions:
+      - name: v1
+        primary: true
+        endpoints: ["10.244.1.5:8080"]
+      - name: v2-android
+        endpoints: ["10.244.1.6:8080"]
+releases:
+  - name: android
+    priority: 2
+    match:
+      - header: x-device
+        exact: android
+    percent: 10
+    hashBy: x-user-id
+    targets:
+      restaurant: v2-android
+"#,
+            "test.yaml",
+        )
+        .unwrap();
+        let restaurant = config.service("restaurant").unwrap();
+        assert_eq!(restaurant.primary().unwrap().name, "v1");
+        let release = &config.releases[0];
+        assert_eq!(release.percent, Some(10.0));
+        assert_eq!(release.hash_by.as_deref(), Some("x-user-id"));
+        assert_eq!(release.matchers[0].kind(), Ok(MatchKind::Exact("android")));
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_with_line_and_column() {
+        let err = Config::from_yaml(
+            "releases:\n  - name: a\n    priority: 1\n    prio: 2\n",
+            "f.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(err.line, Some(4), "{err}");
+        assert!(err.column.is_some());
+        assert!(err.to_string().starts_with("f.yaml:4:"), "{err}");
+        assert!(err.reason.contains("prio"), "{err}");
+    }
+
+    #[test]
+    fn matcher_must_name_exactly_one_comparison() {
+        let both = Matcher {
+            header: "x".into(),
+            exact: Some("a".into()),
+            prefix: Some("b".into()),
+            regex: None,
+        };
+        assert!(both.kind().unwrap_err().contains("more than one"));
+        let none = Matcher {
+            header: "x".into(),
+            exact: None,
+            prefix: None,
+            regex: None,
+        };
+        assert!(none.kind().unwrap_err().contains("needs one of"));
+    }
+}

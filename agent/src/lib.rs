@@ -1,0 +1,11 @@
+//! steer: full-stack multiple canary releases on Kubernetes without sidecars.
+//!
+//! One agent per node: eBPF programs redirect pod egress to mesh services into a node-local
+//! proxy, which picks at most one canary release per request and routes every hop to the
+//! version of the next service that belongs to it.
+
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod rules;
+pub mod state;

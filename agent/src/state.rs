@@ -1,0 +1,133 @@
+//! The routing snapshot: one immutable value built from a checked configuration, read by the
+//! request path without locks and replaced whole when the configuration changes.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::{
+    check::{self, Report},
+    config::Config,
+    rules::{CompiledRelease, Ruleset, Tags},
+};
+
+/// A configuration that passed the checker, compiled for routing.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    pub rules: Ruleset,
+    /// Service name -> its primary version's name.
+    primaries: HashMap<String, String>,
+}
+
+/// Why a snapshot could not be built: the checker's full report (it has errors).
+#[derive(Debug)]
+pub struct Rejected(pub Report);
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let messages: Vec<String> = self
+            .0
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.code, e.message))
+            .collect();
+        write!(f, "configuration rejected: {}", messages.join("; "))
+    }
+}
+
+impl std::error::Error for Rejected {}
+
+/// Where one request to one service goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Explanation {
+    pub service: String,
+    pub release: Option<String>,
+    pub version: String,
+    pub reason: String,
+}
+
+impl Snapshot {
+    /// Checks and compiles `config`; any checker error rejects it whole, so a snapshot in
+    /// force is always a valid one. Returns the report too, for its warnings.
+    pub fn build(config: Config) -> Result<(Snapshot, Report), Rejected> {
+        let report = check::check(&config);
+        if !report.valid {
+            return Err(Rejected(report));
+        }
+        // The checker compiled every regex already, so this cannot fail on a valid config.
+        let rules = Ruleset::compile(&config).map_err(|err| {
+            let mut report = report.clone();
+            report.valid = false;
+            report.errors.push(check::Finding {
+                code: "invalid-release",
+                message: format!("{err:#}"),
+                releases: vec![],
+            });
+            Rejected(report)
+        })?;
+        let primaries = config
+            .services
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.primary()?.name.clone())))
+            .collect();
+        Ok((
+            Snapshot {
+                config,
+                rules,
+                primaries,
+            },
+            report,
+        ))
+    }
+
+    /// The version of `service` that serves a request scheduled to `release` (or to none):
+    /// the release's own version if it has one, else the primary. `None`: unknown service.
+    pub fn version_for<'a>(
+        &'a self,
+        service: &str,
+        release: Option<&'a CompiledRelease>,
+    ) -> Option<&'a str> {
+        release
+            .and_then(|r| r.target(service))
+            .or_else(|| self.primaries.get(service).map(String::as_str))
+    }
+
+    /// Which release and version a request with these tags gets at `service`, and why.
+    pub fn explain<T: Tags + ?Sized>(&self, service: &str, tags: &T) -> Option<Explanation> {
+        let winner = self.rules.decide(tags);
+        let version = self.version_for(service, winner)?.to_string();
+        let matching = self.rules.all_matching(tags);
+        let reason = match winner {
+            None => "no release matches these tags: primary version".to_string(),
+            Some(release) => {
+                let losers: Vec<String> = matching
+                    .iter()
+                    .filter(|r| r.name != release.name)
+                    .map(|r| format!("`{}` (priority {})", r.name, r.priority))
+                    .collect();
+                let outranked = if losers.is_empty() {
+                    String::new()
+                } else {
+                    format!("; it outranks {}", losers.join(", "))
+                };
+                let placement = match release.target(service) {
+                    Some(v) => format!("its version of `{service}` is `{v}`"),
+                    None => format!(
+                        "it has no version of `{service}`, so the primary `{version}` serves"
+                    ),
+                };
+                format!(
+                    "release `{}` (priority {}) matches{outranked}; {placement}",
+                    release.name, release.priority
+                )
+            }
+        };
+        Some(Explanation {
+            service: service.to_string(),
+            release: winner.map(|r| r.name.to_string()),
+            version,
+            reason,
+        })
+    }
+}

@@ -1,0 +1,1 @@
+//! The test bed shared by the end-to-end tests and benchmarks.

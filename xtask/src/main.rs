@@ -1,0 +1,134 @@
+//! Developer tasks. `cargo xtask setup` installs what a fresh machine lacks; `cargo xtask ci`
+//! is the README's test command and what `.ci/run` runs.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need (idempotent): Debian packages, rust-src, bpf-linker.
+    Setup,
+    /// Build the eBPF object (`target/bpfel-unknown-none/release/steer`).
+    BuildEbpf,
+    /// Everything CI checks: setup, fmt, clippy -D warnings, all tests.
+    Ci,
+    /// The benchmarks, with figures side by side.
+    Bench,
+}
+
+/// Debian packages the tests and the demo use, by the command that proves each is installed.
+const PACKAGES: [(&str, &str); 5] = [
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+    ("bpftool", "bpftool"),
+    ("curl", "curl"),
+    ("mount", "mount"),
+];
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+fn main() -> Result<()> {
+    match Args::parse().task {
+        Task::Setup => setup(),
+        Task::BuildEbpf => build_ebpf(),
+        Task::Ci => {
+            setup()?;
+            cargo(&["fmt", "--all", "--", "--check"])?;
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            cargo(&["test", "--no-fail-fast"])
+        }
+        Task::Bench => cargo(&["bench", "--package", "steer", "--bench", "rules"]),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    eprintln!("xtask: {command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new(env!("CARGO"))
+        .args(args)
+        .current_dir(workspace_root()))
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(program, _)| !have(program))
+        .map(|&(_, package)| package)
+        .collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        .context("the eBPF programs build with nightly and rust-src")?;
+    let linker = Command::new("bpf-linker").arg("--version").output();
+    let current = linker
+        .as_ref()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if !current {
+        run(Command::new(env!("CARGO")).args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn build_ebpf() -> Result<()> {
+    run(Command::new("rustup")
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--package",
+            "steer-ebpf",
+        ])
+        .args(["-Z", "build-std=core", "--bins", "--release"])
+        .args(["--target", "bpfel-unknown-none"])
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .current_dir(workspace_root()))?;
+    eprintln!("xtask: built target/bpfel-unknown-none/release/steer");
+    Ok(())
+}
