@@ -1,0 +1,157 @@
+//! The demo workload: one "pod" of one version of a service.
+//!
+//! It answers every request with JSON naming itself (service, version, the release stamp it
+//! saw) and the answers of the downstream services it calls, so a client sees the whole path
+//! of versions its request took. Like an instrumented application it forwards the tag
+//! headers, the stamp and `baggage` to its downstream calls, and it calls them by their
+//! *service* address, never by pod IP: only the node agent decides where a call goes.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// The service this pod belongs to.
+    #[arg(long)]
+    service: String,
+    /// The version of the service this pod runs.
+    #[arg(long)]
+    version: String,
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// A downstream call, `name=ip:port` (the service address); repeat for more, called in order.
+    #[arg(long = "call", value_parser = parse_call)]
+    calls: Vec<(String, SocketAddr)>,
+    /// Request headers passed on to downstream calls.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "x-device,x-region,x-user-id,x-steer-release,baggage"
+    )]
+    forward: Vec<String>,
+}
+
+fn parse_call(arg: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("`{arg}` is not name=ip:port"))?;
+    let addr = addr
+        .parse()
+        .map_err(|err| format!("`{addr}` is not ip:port: {err}"))?;
+    Ok((name.to_string(), addr))
+}
+
+/// What one service version answers: itself and the answers of everything it called.
+#[derive(Debug, Serialize, Deserialize)]
+struct Hop {
+    service: String,
+    version: String,
+    /// The `x-steer-release` stamp on the request this hop received, if any.
+    release: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    calls: Vec<Hop>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let args = Arc::new(Args::parse());
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let args = args.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(args.clone(), req));
+            // A client that goes away mid-request is not this service's problem.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn handle(
+    args: Arc<Args>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let release = req
+        .headers()
+        .get("x-steer-release")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut hop = Hop {
+        service: args.service.clone(),
+        version: args.version.clone(),
+        release,
+        calls: Vec::new(),
+        error: None,
+    };
+    let mut status = StatusCode::OK;
+    for (name, addr) in &args.calls {
+        match call(&args, name, *addr, &req).await {
+            Ok(downstream) => hop.calls.push(downstream),
+            Err(err) => {
+                status = StatusCode::BAD_GATEWAY;
+                hop.calls.push(Hop {
+                    service: name.clone(),
+                    version: String::new(),
+                    release: None,
+                    calls: Vec::new(),
+                    error: Some(format!("{err:#}")),
+                });
+            }
+        }
+    }
+    let body = serde_json::to_vec(&hop).expect("hop serialises");
+    Ok(Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response"))
+}
+
+async fn call(
+    args: &Args,
+    name: &str,
+    addr: SocketAddr,
+    incoming: &Request<Incoming>,
+) -> Result<Hop> {
+    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .context("connect timed out")?
+        .with_context(|| format!("connect to {addr}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let mut request = Request::get("/").header("host", name);
+    for header in &args.forward {
+        for value in incoming.headers().get_all(header.as_str()) {
+            request = request.header(header.as_str(), value);
+        }
+    }
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        sender.send_request(request.body(Full::new(Bytes::new()))?),
+    )
+    .await
+    .context("request timed out")??;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    serde_json::from_slice(&body).with_context(|| {
+        format!(
+            "{name} answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        )
+    })
+}
