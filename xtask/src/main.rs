@@ -1,7 +1,9 @@
 //! Developer tasks. `cargo xtask setup` installs what a fresh machine lacks; `cargo xtask ci`
 //! is the README's test command and what `.ci/run` runs.
 
-use std::{path::PathBuf, process::Command};
+mod bench;
+
+use std::{path::PathBuf, process::Command, time::SystemTime};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -44,7 +46,11 @@ fn main() -> Result<()> {
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             cargo(&["test", "--no-fail-fast"])
         }
-        Task::Bench => cargo(&["bench", "--package", "steer", "--bench", "rules"]),
+        Task::Bench => {
+            let started = SystemTime::now();
+            cargo(&["bench", "--package", "steer", "--bench", "rules"])?;
+            bench::summarize(&workspace_root().join("target"), started)
+        }
     }
 }
 
