@@ -171,23 +171,6 @@ pub fn render_report(origin: &str, report: &Report) -> String {
             );
         }
     }
-    for shadow in &report.shadowed {
-        let _ = writeln!(
-            out,
-            "  shadowed `{}` by {}: e.g. {{{}}} goes to `{}`; give `{}` a smaller priority \
-             number (narrower releases first)",
-            shadow.release,
-            shadow
-                .by
-                .iter()
-                .map(|b| format!("`{b}`"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            render_example(&shadow.example),
-            shadow.by.first().map(String::as_str).unwrap_or("?"),
-            shadow.release,
-        );
-    }
     for overlap in &report.overlaps {
         let _ = writeln!(
             out,

@@ -2,7 +2,10 @@
 //!
 //! Structural checks (names, services, versions, primaries, matchers, percentages) live here;
 //! the set reasoning over releases (shadowing, equal-priority overlap, partial overlaps with an
-//! example request) lives in `overlap`.
+//! example request) lives in `overlap`, over the request sets of `lang`.
+
+mod lang;
+mod overlap;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -31,6 +34,9 @@ pub struct Shadowed {
     pub by: Vec<String>,
     /// A request that matches `release` and goes to `by` instead.
     pub example: BTreeMap<String, String>,
+    /// The verdict rests on a regex analysis that gave up: possibly shadowed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub approximate: bool,
 }
 
 /// Two releases that some request matches both: `winner` takes it.
@@ -39,6 +45,9 @@ pub struct Overlap {
     pub releases: [String; 2],
     pub winner: String,
     pub example: BTreeMap<String, String>,
+    /// A regex analysis gave up: the releases may overlap, no example is known.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub approximate: bool,
 }
 
 /// Everything the checker found. `valid` is false when there is any error.
@@ -74,6 +83,7 @@ pub fn check(config: &Config) -> Report {
     let mut report = Report::default();
     check_services(config, &mut report);
     check_releases(config, &mut report);
+    overlap::analyse(config, &mut report);
     report.valid = report.errors.is_empty();
     report
 }
@@ -148,6 +158,15 @@ fn check_releases(config: &Config, report: &mut Report) {
     let mut names = HashSet::new();
     // (service, version) -> the release that claimed it first.
     let mut claimed: HashMap<(&str, &str), &str> = HashMap::new();
+    // Service -> version name -> version, so each target is one lookup.
+    let versions: HashMap<&str, HashMap<&str, &crate::config::Version>> = config
+        .services
+        .iter()
+        .map(|s| {
+            let by_name = s.versions.iter().map(|v| (v.name.as_str(), v)).collect();
+            (s.name.as_str(), by_name)
+        })
+        .collect();
     for release in &config.releases {
         let name = release.name.as_str();
         if !names.insert(name) {
@@ -229,7 +248,7 @@ fn check_releases(config: &Config, report: &mut Report) {
             );
         }
         for (service_name, version_name) in &release.targets {
-            let Some(service) = config.service(service_name) else {
+            let Some(service_versions) = versions.get(service_name.as_str()) else {
                 report.error(
                     "unknown-service",
                     format!("release `{name}` targets unknown service `{service_name}`"),
@@ -237,7 +256,7 @@ fn check_releases(config: &Config, report: &mut Report) {
                 );
                 continue;
             };
-            let Some(version) = service.version(version_name) else {
+            let Some(version) = service_versions.get(version_name.as_str()) else {
                 report.error(
                     "unknown-version",
                     format!(
