@@ -2,6 +2,7 @@
 //! is the README's test command and what `.ci/run` runs.
 
 mod bench;
+mod demo;
 
 use std::{path::PathBuf, process::Command, time::SystemTime};
 
@@ -24,6 +25,12 @@ enum Task {
     Ci,
     /// The benchmarks, with figures side by side.
     Bench,
+    /// The seed's case studies, decided and explained (the README's main job).
+    Demo {
+        /// Run only this scenario: food-delivery, order-email or abz.
+        #[arg(long)]
+        scenario: Option<String>,
+    },
 }
 
 /// Debian packages the tests and the demo use, by the command that proves each is installed.
@@ -45,6 +52,22 @@ fn main() -> Result<()> {
             cargo(&["fmt", "--all", "--", "--check"])?;
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             cargo(&["test", "--no-fail-fast"])
+        }
+        Task::Demo { scenario } => {
+            setup()?;
+            cargo(&["build", "--package", "steer"])?;
+            let binary = workspace_root().join("target/debug/steer");
+            let chosen: Vec<&demo::Scenario> = demo::SCENARIOS
+                .iter()
+                .filter(|s| scenario.as_deref().is_none_or(|name| name == s.name))
+                .collect();
+            if chosen.is_empty() {
+                bail!("unknown scenario {scenario:?}: food-delivery, order-email or abz");
+            }
+            for scenario in chosen {
+                demo::run(&workspace_root(), &binary, scenario)?;
+            }
+            Ok(())
         }
         Task::Bench => {
             let started = SystemTime::now();
