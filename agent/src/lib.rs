@@ -7,5 +7,6 @@
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod datapath;
 pub mod rules;
 pub mod state;

@@ -1,0 +1,88 @@
+//! A minimal agent for the datapath tests: attaches the eBPF datapath and, on its listener,
+//! answers every redirected connection with the original destination the programs recorded
+//! (`orig=<addr>|none records=<by-cookie>,<by-client>`). The real agent is `steer run`.
+//!
+//! Usage: `redirect-probe CGROUP LISTEN4 LISTEN6|- [SERVICE...] [--opt-out CGROUP...]`.
+//! Prints `ready` once attached and listening.
+
+use std::{
+    io::Write,
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, Result};
+use steer::datapath::{Datapath, DatapathOptions};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (positional, opt_out) = match args.iter().position(|a| a == "--opt-out") {
+        Some(at) => (&args[..at], &args[at + 1..]),
+        None => (&args[..], &[][..]),
+    };
+    let [cgroup, listen4, listen6, services @ ..] = positional else {
+        anyhow::bail!(
+            "usage: redirect-probe CGROUP LISTEN4 LISTEN6|- [SERVICE...] [--opt-out CGROUP...]"
+        );
+    };
+    let listen4: SocketAddr = listen4.parse().context("LISTEN4")?;
+    let listen6: Option<SocketAddr> = (listen6 != "-")
+        .then(|| listen6.parse())
+        .transpose()
+        .context("LISTEN6")?;
+    let services: Vec<SocketAddr> = services
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()
+        .context("SERVICE")?;
+
+    let SocketAddr::V4(proxy_v4) = listen4 else {
+        anyhow::bail!("LISTEN4 must be IPv4");
+    };
+    let proxy_v6 = match listen6 {
+        Some(SocketAddr::V6(v6)) => Some(v6),
+        Some(_) => anyhow::bail!("LISTEN6 must be IPv6"),
+        None => None,
+    };
+    let mut datapath = Datapath::attach(&DatapathOptions {
+        cgroup: PathBuf::from(cgroup),
+        proxy_v4,
+        proxy_v6,
+    })?;
+    datapath.set_services(&services)?;
+    datapath.set_opt_out(&opt_out.iter().map(PathBuf::from).collect::<Vec<_>>())?;
+    let originals = datapath.original_destinations();
+    let datapath = Arc::new(Mutex::new(datapath));
+
+    let listeners: Vec<TcpListener> = std::iter::once(listen4)
+        .chain(listen6)
+        .map(|addr| TcpListener::bind(addr).with_context(|| format!("listen on {addr}")))
+        .collect::<Result<_>>()?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            let originals = originals.clone();
+            let datapath = datapath.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let Ok(peer) = stream.peer_addr() else {
+                        continue;
+                    };
+                    let original = originals
+                        .take(peer)
+                        .map_or("none".to_string(), |a| a.to_string());
+                    let (cookies, clients) = datapath.lock().expect("lock").record_counts();
+                    let mut stream = stream;
+                    let _ = writeln!(stream, "orig={original} records={cookies},{clients}");
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        let _ = thread.join();
+    }
+    Ok(())
+}

@@ -1,0 +1,481 @@
+//! A simulated Kubernetes node made of network namespaces.
+//!
+//! The host namespace plays the node (it runs the agent); each pod is a network namespace with
+//! a veth to the host and its own cgroup under the bed's parent cgroup, where the eBPF programs
+//! are attached (`--cgroup`), so parallel beds never see each other's programs. nftables DNAT in
+//! a table of the bed's own plays kube-proxy for service addresses.
+//!
+//! Address plan of a bed with index B (unique per process and bed, see [`Node::new`]):
+//! pods 10.201.B.10+ and fd5e:0:B::10+, services 10.202.B.x, the node (proxy) address
+//! 10.203.B.1 and fd5f:0:B::1 on the host's `lo`. [`Node::with_index`] lets the demo choose.
+//!
+//! No packet may leave the machine: before anything else the bed installs a guard that drops
+//! every packet its pods send that would be forwarded out of an interface not one of its veths.
+//! Everything the bed makes is removed on drop, also when a test panics.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context, Result, bail};
+
+static BEDS: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command to completion; a non-zero exit is an error carrying its stderr.
+pub fn sh(program: &str, args: &[&str]) -> Result<Output> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("run {program}"))?;
+    if !output.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output)
+}
+
+/// Feeds a script to `nft -f -`.
+fn nft(script: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("run nft (apt-get install nftables)")?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!(
+            "nft: {}\n{script}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A process the bed started; killed (by its pid) and reaped on drop.
+pub struct Process {
+    child: Child,
+}
+
+impl Process {
+    /// Starts a process in the host namespace (the node) and, when `ready` is given, waits
+    /// until it prints that line on stdout (at most 10 s).
+    pub fn start_on_host(command: &mut Command, ready: Option<&str>) -> Result<Process> {
+        use std::io::BufRead;
+        if ready.is_some() {
+            command.stdout(Stdio::piped());
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("start {:?}", command.get_program()))?;
+        let Some(ready) = ready else {
+            return Ok(Process { child });
+        };
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ready = ready.to_string();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            let seen = lines.by_ref().any(|l| l.is_ok_and(|l| l.contains(&ready)));
+            let _ = tx.send(seen);
+            // Keep draining so the process never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let process = Process { child };
+        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(true) => Ok(process),
+            _ => bail!("{:?} did not become ready", command.get_program()),
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills it now with `signal` (e.g. `libc::SIGKILL`) and waits for it to exit.
+    pub fn signal(&mut self, signal: i32) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id() as i32;
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("kill");
+        }
+        Ok(self.child.wait()?)
+    }
+
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// One pod: a network namespace with a veth to the host and a cgroup.
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    pub cgroup: PathBuf,
+}
+
+impl Pod {
+    /// Starts `command` inside this pod's network namespace and cgroup (output discarded,
+    /// errors to the test's stderr).
+    pub fn spawn(&self, command: &Command) -> Result<Process> {
+        Ok(Process {
+            child: self.spawn_child(command, false)?,
+        })
+    }
+
+    /// Runs a command inside the pod (netns and cgroup) to completion, capturing its output.
+    pub fn exec(&self, command: &Command) -> Result<Output> {
+        let child = self.spawn_child(command, true)?;
+        Ok(child.wait_with_output()?)
+    }
+
+    fn spawn_child(&self, command: &Command, capture: bool) -> Result<Child> {
+        let mut wrapped = Command::new("ip");
+        wrapped
+            .args(["netns", "exec", &self.netns])
+            .arg(command.get_program())
+            .args(command.get_args());
+        for (key, value) in command.get_envs() {
+            match value {
+                Some(value) => wrapped.env(key, value),
+                None => wrapped.env_remove(key),
+            };
+        }
+        if capture {
+            wrapped.stdout(Stdio::piped()).stderr(Stdio::piped());
+        } else {
+            wrapped.stdout(Stdio::null());
+        }
+        let procs = self.cgroup.join("cgroup.procs");
+        // Join the pod's cgroup before `ip` execs the command, so every descendant is inside.
+        unsafe {
+            wrapped.pre_exec(move || std::fs::write(&procs, std::process::id().to_string()));
+        }
+        wrapped
+            .spawn()
+            .with_context(|| format!("start {:?} in pod {}", command.get_program(), self.name))
+    }
+}
+
+/// The simulated node. Dropping it tears everything down.
+pub struct Node {
+    pub name: String,
+    pub index: u8,
+    /// Where the node's proxy listens (an address on the host's `lo`).
+    pub address: Ipv4Addr,
+    pub address6: Ipv6Addr,
+    /// The parent cgroup of the bed's pods: attach the programs here.
+    pub cgroup: PathBuf,
+    pods: Vec<Pod>,
+    /// Service address -> endpoint, for the kube-proxy DNAT.
+    services: Vec<(SocketAddr, SocketAddr)>,
+    table: String,
+}
+
+impl Node {
+    /// A bed with its own name and address ranges, unique among the beds of this process
+    /// (tests of one binary run in parallel; binaries run one after another).
+    pub fn new() -> Result<Node> {
+        let n = BEDS.fetch_add(1, Ordering::Relaxed);
+        Node::with_index(((std::process::id() + n * 37) % 200 + 20) as u8)
+    }
+
+    pub fn with_index(index: u8) -> Result<Node> {
+        let name = format!("st{}x{index}", std::process::id() % 10_000);
+        let cgroup = cgroup2_mount()?.join(format!("steer-test-{name}"));
+        let node = Node {
+            name: name.clone(),
+            index,
+            address: Ipv4Addr::new(10, 203, index, 1),
+            address6: format!("fd5f:0:{index:x}::1").parse()?,
+            cgroup,
+            pods: Vec::new(),
+            services: Vec::new(),
+            table: format!("steer_{name}"),
+        };
+        // From here on, Drop cleans up whatever was made.
+        node.install_guard()?;
+        std::fs::create_dir(&node.cgroup)
+            .with_context(|| format!("create cgroup {}", node.cgroup.display()))?;
+        sh(
+            "ip",
+            &["addr", "add", &format!("{}/32", node.address), "dev", "lo"],
+        )?;
+        sh(
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/128", node.address6),
+                "dev",
+                "lo",
+            ],
+        )?;
+        // The kube-proxy path forwards pod to pod through the host.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enable ip_forward")?;
+        Ok(node)
+    }
+
+    fn veth_prefix(&self) -> String {
+        format!("{}v", self.name)
+    }
+
+    /// The guard first, then (empty) kube-proxy chains that [`Node::add_service`] fills.
+    fn install_guard(&self) -> Result<()> {
+        let prefix = self.veth_prefix();
+        nft(&format!(
+            "table inet {table} {{
+  chain guard {{
+    type filter hook forward priority -300; policy accept;
+    iifname \"{prefix}*\" oifname != \"{prefix}*\" drop
+  }}
+  chain kube_proxy_pre {{ type nat hook prerouting priority -100; policy accept; }}
+  chain kube_proxy_out {{ type nat hook output priority -100; policy accept; }}
+}}",
+            table = self.table
+        ))
+    }
+
+    /// A pod address of this bed's range.
+    pub fn pod_ip(&self, i: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 201, self.index, 10 + i)
+    }
+
+    /// A service address of this bed's range.
+    pub fn service_ip(&self, i: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 202, self.index, 10 + i)
+    }
+
+    /// Adds a pod at the next address of the bed's range.
+    pub fn add_pod(&mut self, name: &str) -> Result<&Pod> {
+        let i = self.pods.len() as u8;
+        let ip = self.pod_ip(i);
+        self.add_pod_at(name, ip)
+    }
+
+    /// Adds a pod at a chosen IPv4 address.
+    pub fn add_pod_at(&mut self, name: &str, ip: Ipv4Addr) -> Result<&Pod> {
+        let i = self.pods.len();
+        let netns = format!("{}p{i}", self.name);
+        let host_veth = format!("{}{i}", self.veth_prefix());
+        let ip6: Ipv6Addr = format!("fd5e:0:{:x}::{:x}", self.index, 0x10 + i).parse()?;
+        let cgroup = self.cgroup.join(format!("pod-{name}"));
+        sh("ip", &["netns", "add", &netns])?;
+        self.pods.push(Pod {
+            name: name.to_string(),
+            netns: netns.clone(),
+            ip,
+            ip6,
+            cgroup: cgroup.clone(),
+        });
+        std::fs::create_dir(&cgroup).with_context(|| format!("create {}", cgroup.display()))?;
+        let in_pod = |args: &[&str]| {
+            let mut full = vec!["netns", "exec", &netns];
+            full.extend_from_slice(args);
+            sh("ip", &full)
+        };
+        sh(
+            "ip",
+            &[
+                "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+            ],
+        )?;
+        sh(
+            "sysctl",
+            &["-qw", &format!("net.ipv4.conf.{host_veth}.proxy_arp=1")],
+        )?;
+        sh("ip", &["link", "set", &host_veth, "up"])?;
+        sh(
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                "fe80::1/64",
+                "dev",
+                &host_veth,
+                "nodad",
+            ],
+        )?;
+        sh(
+            "ip",
+            &["route", "add", &format!("{ip}/32"), "dev", &host_veth],
+        )?;
+        sh(
+            "ip",
+            &[
+                "-6",
+                "route",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                &host_veth,
+            ],
+        )?;
+        in_pod(&["ip", "link", "set", "lo", "up"])?;
+        in_pod(&["ip", "link", "set", "eth0", "up"])?;
+        in_pod(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        in_pod(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        // Like Calico: a link-local gateway the host answers for (proxy ARP / fe80::1).
+        in_pod(&[
+            "ip",
+            "route",
+            "add",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ])?;
+        in_pod(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ])?;
+        in_pod(&[
+            "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ])?;
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Makes `service` reach `endpoint` the kube-proxy way (DNAT), for pods and the host.
+    pub fn add_service(&mut self, service: SocketAddr, endpoint: SocketAddr) -> Result<()> {
+        let rule = match (service.ip(), endpoint.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(e)) => format!(
+                "ip daddr {s} tcp dport {} dnat ip to {e}:{}",
+                service.port(),
+                endpoint.port()
+            ),
+            (IpAddr::V6(s), IpAddr::V6(e)) => format!(
+                "ip6 daddr {s} tcp dport {} dnat ip6 to [{e}]:{}",
+                service.port(),
+                endpoint.port()
+            ),
+            _ => bail!("service {service} and endpoint {endpoint} differ in family"),
+        };
+        for chain in ["kube_proxy_pre", "kube_proxy_out"] {
+            nft(&format!("add rule inet {} {chain} {rule}", self.table))?;
+        }
+        self.services.push((service, endpoint));
+        Ok(())
+    }
+
+    /// Removes what the bed made. Runs on drop; errors are reported, not raised.
+    fn teardown(&mut self) {
+        let mut problems = Vec::new();
+        for pod in self.pods.drain(..).rev() {
+            // Only processes this bed started live in its pods' cgroups.
+            kill_cgroup(&pod.cgroup);
+            if let Err(err) = sh("ip", &["netns", "del", &pod.netns]) {
+                problems.push(err.to_string());
+            }
+            if let Err(err) = std::fs::remove_dir(&pod.cgroup) {
+                problems.push(format!("rmdir {}: {err}", pod.cgroup.display()));
+            }
+        }
+        for (args, what) in [
+            (
+                vec!["addr", "del", &format!("{}/32", self.address), "dev", "lo"],
+                "addr",
+            ),
+            (
+                vec![
+                    "-6",
+                    "addr",
+                    "del",
+                    &format!("{}/128", self.address6),
+                    "dev",
+                    "lo",
+                ],
+                "addr6",
+            ),
+        ] {
+            let args: Vec<&str> = args.iter().map(|s| s.as_ref()).collect();
+            if let Err(err) = sh("ip", &args) {
+                problems.push(format!("{what}: {err}"));
+            }
+        }
+        let _ = std::fs::remove_dir(&self.cgroup);
+        if self.cgroup.exists() {
+            problems.push(format!("cgroup {} left behind", self.cgroup.display()));
+        }
+        if let Err(err) = nft(&format!("delete table inet {}", self.table)) {
+            problems.push(err.to_string());
+        }
+        if !problems.is_empty() {
+            eprintln!("test bed {}: teardown problems: {problems:?}", self.name);
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Kills the processes left in a pod's cgroup (all started by the bed) and waits until the
+/// cgroup is empty, so it can be removed.
+fn kill_cgroup(cgroup: &Path) {
+    for _ in 0..100 {
+        let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<i32> = procs.lines().filter_map(|l| l.parse().ok()).collect();
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Where the cgroup v2 hierarchy is mounted.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    steer::datapath::cgroup2_root()
+}
