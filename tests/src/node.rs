@@ -14,16 +14,115 @@
 //! Everything the bed makes is removed on drop, also when a test panics.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 use anyhow::{Context, Result, bail};
 
 static BEDS: AtomicU32 = AtomicU32::new(0);
+
+/// What each live bed made, and the host processes the beds started, so that a bed is torn
+/// down from Drop or, in the demo and benchmarks, from Ctrl-C / SIGTERM.
+static MADE: Mutex<BTreeMap<String, Made>> = Mutex::new(BTreeMap::new());
+static HOST_PROCESSES: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+#[derive(Default)]
+struct Made {
+    /// Pod network namespaces and cgroups, in creation order.
+    pods: Vec<(String, PathBuf)>,
+    cgroup: Option<PathBuf>,
+    /// `ip` arguments that remove an address from `lo`.
+    addresses: Vec<Vec<String>>,
+    table: Option<String>,
+}
+
+fn made(node: &str, change: impl FnOnce(&mut Made)) {
+    let mut all = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    change(all.entry(node.to_string()).or_default());
+}
+
+/// Removes what a bed made. Errors are reported, not raised: teardown goes on regardless.
+fn tear_down(node: &str) {
+    let Some(made) = MADE.lock().unwrap_or_else(|e| e.into_inner()).remove(node) else {
+        return;
+    };
+    let mut problems = Vec::new();
+    for (netns, cgroup) in made.pods.iter().rev() {
+        // Only processes this bed started live in its pods' cgroups.
+        kill_cgroup(cgroup);
+        if let Err(err) = sh("ip", &["netns", "del", netns]) {
+            problems.push(err.to_string());
+        }
+        if let Err(err) = std::fs::remove_dir(cgroup) {
+            problems.push(format!("rmdir {}: {err}", cgroup.display()));
+        }
+    }
+    for args in &made.addresses {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if let Err(err) = sh("ip", &args) {
+            problems.push(err.to_string());
+        }
+    }
+    if let Some(cgroup) = &made.cgroup
+        && let Err(err) = std::fs::remove_dir(cgroup)
+    {
+        problems.push(format!("rmdir {}: {err}", cgroup.display()));
+    }
+    if let Some(table) = &made.table
+        && let Err(err) = nft(&format!("delete table inet {table}"))
+    {
+        problems.push(err.to_string());
+    }
+    if !problems.is_empty() {
+        eprintln!("test bed {node}: teardown problems: {problems:?}");
+    }
+}
+
+/// For programs that run a bed (the demo, benchmarks): on SIGINT or SIGTERM, end the host
+/// processes the beds started, tear every bed down, and exit. Call first thing in `main`,
+/// before any thread starts, so the signals reach the waiting thread only.
+pub fn tear_down_on_signals() -> Result<()> {
+    let mut signals: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigemptyset(&mut signals);
+        libc::sigaddset(&mut signals, libc::SIGINT);
+        libc::sigaddset(&mut signals, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) != 0 {
+            bail!("cannot block SIGINT/SIGTERM");
+        }
+    }
+    std::thread::spawn(move || {
+        let mut signal = 0;
+        unsafe { libc::sigwait(&signals, &mut signal) };
+        eprintln!("\nsignal {signal}: cleaning up the test bed");
+        for pid in HOST_PROCESSES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        let nodes: Vec<String> = MADE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for node in nodes {
+            tear_down(&node);
+        }
+        std::process::exit(130);
+    });
+    Ok(())
+}
 
 /// Runs a command to completion; a non-zero exit is an error carrying its stderr.
 pub fn sh(program: &str, args: &[&str]) -> Result<Output> {
@@ -81,6 +180,10 @@ impl Process {
         let mut child = command
             .spawn()
             .with_context(|| format!("start {:?}", command.get_program()))?;
+        HOST_PROCESSES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(child.id());
         let Some(ready) = ready else {
             return Ok(Process { child });
         };
@@ -108,6 +211,10 @@ impl Process {
     /// Kills it now with `signal` (e.g. `libc::SIGKILL`) and waits for it to exit.
     pub fn signal(&mut self, signal: i32) -> Result<std::process::ExitStatus> {
         let pid = self.child.id() as i32;
+        HOST_PROCESSES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.child.id());
         if unsafe { libc::kill(pid, signal) } != 0 {
             return Err(std::io::Error::last_os_error()).context("kill");
         }
@@ -121,6 +228,10 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        HOST_PROCESSES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.child.id());
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
         }
@@ -190,8 +301,6 @@ pub struct Node {
     /// The parent cgroup of the bed's pods: attach the programs here.
     pub cgroup: PathBuf,
     pods: Vec<Pod>,
-    /// Service address -> endpoint, for the kube-proxy DNAT.
-    services: Vec<(SocketAddr, SocketAddr)>,
     table: String,
 }
 
@@ -213,28 +322,22 @@ impl Node {
             address6: format!("fd5f:0:{index:x}::1").parse()?,
             cgroup,
             pods: Vec::new(),
-            services: Vec::new(),
             table: format!("steer_{name}"),
         };
-        // From here on, Drop cleans up whatever was made.
+        // From here on, Drop (or a signal) removes whatever was made.
         node.install_guard()?;
+        made(&name, |m| m.table = Some(node.table.clone()));
         std::fs::create_dir(&node.cgroup)
             .with_context(|| format!("create cgroup {}", node.cgroup.display()))?;
-        sh(
-            "ip",
-            &["addr", "add", &format!("{}/32", node.address), "dev", "lo"],
-        )?;
-        sh(
-            "ip",
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{}/128", node.address6),
-                "dev",
-                "lo",
-            ],
-        )?;
+        made(&name, |m| m.cgroup = Some(node.cgroup.clone()));
+        for (family, address) in [
+            ("-4", format!("{}/32", node.address)),
+            ("-6", format!("{}/128", node.address6)),
+        ] {
+            sh("ip", &[family, "addr", "add", &address, "dev", "lo"])?;
+            let undo = [family, "addr", "del", &address, "dev", "lo"].map(String::from);
+            made(&name, |m| m.addresses.push(undo.to_vec()));
+        }
         // The kube-proxy path forwards pod to pod through the host.
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enable ip_forward")?;
         Ok(node)
@@ -285,6 +388,7 @@ impl Node {
         let ip6: Ipv6Addr = format!("fd5e:0:{:x}::{:x}", self.index, 0x10 + i).parse()?;
         let cgroup = self.cgroup.join(format!("pod-{name}"));
         sh("ip", &["netns", "add", &netns])?;
+        made(&self.name, |m| m.pods.push((netns.clone(), cgroup.clone())));
         self.pods.push(Pod {
             name: name.to_string(),
             netns: netns.clone(),
@@ -401,61 +505,13 @@ impl Node {
         for chain in ["kube_proxy_pre", "kube_proxy_out"] {
             nft(&format!("add rule inet {} {chain} {rule}", self.table))?;
         }
-        self.services.push((service, endpoint));
         Ok(())
-    }
-
-    /// Removes what the bed made. Runs on drop; errors are reported, not raised.
-    fn teardown(&mut self) {
-        let mut problems = Vec::new();
-        for pod in self.pods.drain(..).rev() {
-            // Only processes this bed started live in its pods' cgroups.
-            kill_cgroup(&pod.cgroup);
-            if let Err(err) = sh("ip", &["netns", "del", &pod.netns]) {
-                problems.push(err.to_string());
-            }
-            if let Err(err) = std::fs::remove_dir(&pod.cgroup) {
-                problems.push(format!("rmdir {}: {err}", pod.cgroup.display()));
-            }
-        }
-        for (args, what) in [
-            (
-                vec!["addr", "del", &format!("{}/32", self.address), "dev", "lo"],
-                "addr",
-            ),
-            (
-                vec![
-                    "-6",
-                    "addr",
-                    "del",
-                    &format!("{}/128", self.address6),
-                    "dev",
-                    "lo",
-                ],
-                "addr6",
-            ),
-        ] {
-            let args: Vec<&str> = args.iter().map(|s| s.as_ref()).collect();
-            if let Err(err) = sh("ip", &args) {
-                problems.push(format!("{what}: {err}"));
-            }
-        }
-        let _ = std::fs::remove_dir(&self.cgroup);
-        if self.cgroup.exists() {
-            problems.push(format!("cgroup {} left behind", self.cgroup.display()));
-        }
-        if let Err(err) = nft(&format!("delete table inet {}", self.table)) {
-            problems.push(err.to_string());
-        }
-        if !problems.is_empty() {
-            eprintln!("test bed {}: teardown problems: {problems:?}", self.name);
-        }
     }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        self.teardown();
+        tear_down(&self.name);
     }
 }
 

@@ -72,6 +72,15 @@ fn main() -> Result<()> {
         Task::Bench => {
             let started = SystemTime::now();
             cargo(&["bench", "--package", "steer", "--bench", "rules"])?;
+            // Needs root: network namespaces, cgroups and the eBPF programs.
+            cargo(&[
+                "run",
+                "--release",
+                "--package",
+                "steer-tests",
+                "--bin",
+                "connect-bench",
+            ])?;
             bench::summarize(&workspace_root().join("target"), started)
         }
     }

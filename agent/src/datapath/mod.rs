@@ -323,3 +323,45 @@ impl Datapath {
         (self.by_cookie.keys().count(), self.originals.pending())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(cgroup: &str) -> DatapathOptions {
+        DatapathOptions {
+            cgroup: PathBuf::from(cgroup),
+            proxy_v4: "127.0.0.1:15001".parse().unwrap(),
+            proxy_v6: None,
+        }
+    }
+
+    #[test]
+    fn a_directory_that_is_not_cgroup_v2_is_refused_with_the_reason() {
+        let dir = std::env::temp_dir();
+        let err = Datapath::attach(&options(dir.to_str().unwrap()))
+            .err()
+            .expect("tmp is no cgroup");
+        assert!(
+            format!("{err:#}").contains("is not a cgroup v2 directory"),
+            "{err:#}"
+        );
+        let err = Datapath::attach(&options("/nonexistent/cgroup"))
+            .err()
+            .expect("missing path");
+        assert!(
+            format!("{err:#}").contains("cannot open cgroup /nonexistent/cgroup"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn client_keys_round_trip_both_families() {
+        for addr in ["10.1.2.3:4567", "[fd00::1]:80"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            assert_eq!(socket_addr(&sock_key(addr)), addr);
+        }
+        let key = sock_key("10.1.2.3:80".parse().unwrap());
+        assert_eq!(key.as_v4(), Some([10, 1, 2, 3]));
+    }
+}

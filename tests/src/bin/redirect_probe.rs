@@ -1,6 +1,8 @@
 //! A minimal agent for the datapath tests: attaches the eBPF datapath and, on its listener,
 //! answers every redirected connection with the original destination the programs recorded
-//! (`orig=<addr>|none records=<by-cookie>,<by-client>`). The real agent is `steer run`.
+//! (`orig=<addr>` or `orig=none`). On the port after LISTEN4 it answers with the sizes of the
+//! connection records (`records=<by-cookie>,<by-client>`): counting scans the maps, so it is
+//! kept off the redirect path. The real agent is `steer run`.
 //!
 //! Usage: `redirect-probe CGROUP LISTEN4 LISTEN6|- [SERVICE...] [--opt-out CGROUP...]`.
 //! Prints `ready` once attached and listening.
@@ -9,7 +11,6 @@ use std::{
     io::Write,
     net::{SocketAddr, TcpListener},
     path::PathBuf,
-    sync::{Arc, Mutex},
 };
 
 use anyhow::{Context, Result};
@@ -53,34 +54,40 @@ fn main() -> Result<()> {
     datapath.set_services(&services)?;
     datapath.set_opt_out(&opt_out.iter().map(PathBuf::from).collect::<Vec<_>>())?;
     let originals = datapath.original_destinations();
-    let datapath = Arc::new(Mutex::new(datapath));
 
     let listeners: Vec<TcpListener> = std::iter::once(listen4)
         .chain(listen6)
         .map(|addr| TcpListener::bind(addr).with_context(|| format!("listen on {addr}")))
         .collect::<Result<_>>()?;
+    let control_addr = SocketAddr::new(listen4.ip(), listen4.port() + 1);
+    let control =
+        TcpListener::bind(control_addr).with_context(|| format!("listen on {control_addr}"))?;
     println!("ready");
     std::io::stdout().flush()?;
-    let threads: Vec<_> = listeners
+    let mut threads: Vec<_> = listeners
         .into_iter()
         .map(|listener| {
             let originals = originals.clone();
-            let datapath = datapath.clone();
             std::thread::spawn(move || {
-                for stream in listener.incoming().flatten() {
+                for mut stream in listener.incoming().flatten() {
                     let Ok(peer) = stream.peer_addr() else {
                         continue;
                     };
                     let original = originals
                         .take(peer)
                         .map_or("none".to_string(), |a| a.to_string());
-                    let (cookies, clients) = datapath.lock().expect("lock").record_counts();
-                    let mut stream = stream;
-                    let _ = writeln!(stream, "orig={original} records={cookies},{clients}");
+                    let _ = writeln!(stream, "orig={original}");
                 }
             })
         })
         .collect();
+    // The control thread owns the datapath: the attachments live as long as the probe.
+    threads.push(std::thread::spawn(move || {
+        for mut stream in control.incoming().flatten() {
+            let (cookies, clients) = datapath.record_counts();
+            let _ = writeln!(stream, "records={cookies},{clients}");
+        }
+    }));
     for thread in threads {
         let _ = thread.join();
     }

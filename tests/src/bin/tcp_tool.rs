@@ -3,6 +3,8 @@
 //! `tcp-tool serve ADDR NAME`: answers every connection with `NAME\n` and closes.
 //! `tcp-tool connect ADDR [COUNT]`: connects COUNT times (default 1), one after another; for
 //! the last connection prints `peer=<getpeername> said=<what the server sent>`.
+//! `tcp-tool bench ADDR|local COUNT`: connects and closes COUNT times; prints the median ns
+//! per connect (`local`: to a listener of its own on loopback).
 
 use std::{
     io::{Read, Write},
@@ -41,6 +43,49 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("{last}");
             Ok(())
         }
-        _ => Err("usage: tcp-tool serve ADDR NAME | tcp-tool connect ADDR [COUNT]".into()),
+        ["bench", addr, count] => {
+            // `local`: a listener of our own that accepts as fast as we connect, so the figure
+            // is the connect path and not a slow server's backlog.
+            let addr: SocketAddr = if *addr == "local" {
+                let listener = TcpListener::bind("127.0.0.1:0")?;
+                let addr = listener.local_addr()?;
+                std::thread::spawn(move || for _ in listener.incoming() {});
+                addr
+            } else {
+                addr.parse()?
+            };
+            let count: usize = count.parse()?;
+            let mut took = Vec::with_capacity(count);
+            for _ in 0..count {
+                let started = std::time::Instant::now();
+                let stream = TcpStream::connect(addr)?;
+                took.push(started.elapsed().as_nanos());
+                reset_on_close(&stream);
+            }
+            // The median: a rare SYN retransmission (a full second) must not swamp the figure.
+            took.sort_unstable();
+            println!("{}", took[count / 2]);
+            Ok(())
+        }
+        _ => Err("usage: tcp-tool serve ADDR NAME | tcp-tool connect ADDR [COUNT] | tcp-tool bench ADDR COUNT".into()),
+    }
+}
+
+/// Closes with a reset (SO_LINGER 0): no TIME_WAIT socket is left behind, so thousands of
+/// connects in a row never run out of ports and measure only the connect path.
+fn reset_on_close(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
     }
 }
