@@ -55,6 +55,7 @@ fn releases(n: usize) -> Config {
                 targets: [("svc".to_string(), format!("c{i}"))].into(),
             })
             .collect(),
+        ..Config::default()
     }
 }
 

@@ -25,6 +25,33 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the node agent: the eBPF datapath, the proxy, the admin server.
+    Run {
+        /// The configuration file; valid edits apply live.
+        #[arg(long)]
+        config: PathBuf,
+        /// Where redirected pod connections arrive (an IPv4 address of the node).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Where redirected IPv6 connections arrive.
+        #[arg(long)]
+        listen6: Option<std::net::SocketAddr>,
+        /// The admin server (health, readiness, metrics, config, explain).
+        #[arg(long, default_value_t = crate::admin::default_address())]
+        admin: std::net::SocketAddr,
+        /// The north-south entry: incoming stamps are removed, the rules decide.
+        #[arg(long)]
+        gateway: Option<std::net::SocketAddr>,
+        /// The cgroup v2 directory to attach the programs to (default: the root).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Serve without the eBPF datapath (the proxy alone).
+        #[arg(long)]
+        no_ebpf: bool,
+        /// Seconds to let in-flight requests finish after SIGTERM.
+        #[arg(long, default_value_t = 10)]
+        drain_grace: u64,
+    },
     /// Check a configuration: conflicts, shadowed releases, overlaps.
     Check {
         #[arg(long)]
@@ -58,6 +85,25 @@ const EXIT_UNREADABLE: u8 = 2;
 impl Cli {
     pub fn run(self) -> ExitCode {
         match self.command {
+            Command::Run {
+                config,
+                listen,
+                listen6,
+                admin,
+                gateway,
+                cgroup,
+                no_ebpf,
+                drain_grace,
+            } => run_agent(crate::run::RunOptions {
+                config,
+                listen,
+                listen6,
+                admin,
+                gateway,
+                cgroup,
+                no_ebpf,
+                drain_grace: std::time::Duration::from_secs(drain_grace),
+            }),
             Command::Check { config, format } => run_check(&config, format),
             Command::Explain {
                 config,
@@ -65,6 +111,31 @@ impl Cli {
                 headers,
                 format,
             } => run_explain(&config, &service, headers, format),
+        }
+    }
+}
+
+fn run_agent(options: crate::run::RunOptions) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::run::run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: what failed and why.
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -8,13 +8,50 @@ use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path};
 use serde::{Deserialize, Serialize};
 
 /// Everything the agent needs to route: the mesh services and the canary releases over them.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
     #[serde(default)]
     pub services: Vec<Service>,
     #[serde(default)]
     pub releases: Vec<Release>,
+    /// How the gateway listener (north-south entry) picks the first service.
+    #[serde(default, skip_serializing_if = "Gateway::is_empty")]
+    pub gateway: Gateway,
+    /// Response headers naming the service, version and release that served (for debugging).
+    #[serde(default = "enabled", skip_serializing_if = "Clone::clone")]
+    pub debug_headers: bool,
+}
+
+fn enabled() -> bool {
+    true
+}
+
+/// Routes of the gateway listener: the first route whose host and path prefix match wins.
+/// Without a matching route, a Host naming a service (by name) selects it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Gateway {
+    #[serde(default)]
+    pub routes: Vec<GatewayRoute>,
+}
+
+impl Gateway {
+    fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayRoute {
+    /// The Host header (without port); any host when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// A path prefix; any path when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    pub service: String,
 }
 
 /// A mesh service: the addresses callers connect to and the versions that serve it.
@@ -136,6 +173,17 @@ impl fmt::Display for LoadError {
 }
 
 impl std::error::Error for LoadError {}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            services: Vec::new(),
+            releases: Vec::new(),
+            gateway: Gateway::default(),
+            debug_headers: true,
+        }
+    }
+}
 
 impl Config {
     /// Parses YAML text; `origin` names the source in error messages.

@@ -4,9 +4,14 @@
 //! proxy, which picks at most one canary release per request and routes every hop to the
 //! version of the next service that belongs to it.
 
+pub mod admin;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod drain;
+pub mod metrics;
+pub mod proxy;
 pub mod rules;
+pub mod run;
 pub mod state;

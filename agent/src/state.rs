@@ -1,7 +1,14 @@
 //! The routing snapshot: one immutable value built from a checked configuration, read by the
 //! request path without locks and replaced whole when the configuration changes.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use serde::Serialize;
 
@@ -18,6 +25,39 @@ pub struct Snapshot {
     pub rules: Ruleset,
     /// Service name -> its primary version's name.
     primaries: HashMap<String, String>,
+    /// Service address -> service name.
+    by_address: HashMap<SocketAddr, String>,
+    /// Service -> version -> its endpoints.
+    endpoints: HashMap<String, HashMap<String, Arc<[Endpoint]>>>,
+}
+
+/// One pod of a version, with the requests in flight to it (for load balancing). The counter
+/// belongs to the address and survives snapshot swaps, so a reload does not reset the load.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Endpoint {
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request to this endpoint until the guard drops.
+    pub fn start(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.in_flight.clone())
+    }
+}
+
+/// A request in flight to an endpoint.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why a snapshot could not be built: the checker's full report (it has errors).
@@ -51,6 +91,14 @@ impl Snapshot {
     /// Checks and compiles `config`; any checker error rejects it whole, so a snapshot in
     /// force is always a valid one. Returns the report too, for its warnings.
     pub fn build(config: Config) -> Result<(Snapshot, Report), Rejected> {
+        Snapshot::build_after(config, None)
+    }
+
+    /// Like `build`, carrying the in-flight counters of `previous` over to unchanged endpoints.
+    pub fn build_after(
+        config: Config,
+        previous: Option<&Snapshot>,
+    ) -> Result<(Snapshot, Report), Rejected> {
         let report = check::check(&config);
         if !report.valid {
             return Err(Rejected(report));
@@ -71,11 +119,41 @@ impl Snapshot {
             .iter()
             .filter_map(|s| Some((s.name.clone(), s.primary()?.name.clone())))
             .collect();
+        let counters: HashMap<SocketAddr, Arc<AtomicUsize>> = previous
+            .into_iter()
+            .flat_map(|p| p.endpoints.values())
+            .flat_map(|versions| versions.values())
+            .flat_map(|endpoints| endpoints.iter())
+            .map(|e| (e.address, e.in_flight.clone()))
+            .collect();
+        let mut by_address = HashMap::new();
+        let mut endpoints = HashMap::new();
+        for service in &config.services {
+            for address in &service.addresses {
+                by_address.insert(*address, service.name.clone());
+            }
+            for version in &service.versions {
+                let list: Arc<[Endpoint]> = version
+                    .endpoints
+                    .iter()
+                    .map(|address| Endpoint {
+                        address: *address,
+                        in_flight: counters.get(address).cloned().unwrap_or_default(),
+                    })
+                    .collect();
+                endpoints
+                    .entry(service.name.clone())
+                    .or_insert_with(HashMap::new)
+                    .insert(version.name.clone(), list);
+            }
+        }
         Ok((
             Snapshot {
                 config,
                 rules,
                 primaries,
+                by_address,
+                endpoints,
             },
             report,
         ))
@@ -91,6 +169,29 @@ impl Snapshot {
         release
             .and_then(|r| r.target(service))
             .or_else(|| self.primaries.get(service).map(String::as_str))
+    }
+
+    /// The service a caller reached by connecting to `address`.
+    pub fn service_at(&self, address: SocketAddr) -> Option<&str> {
+        self.by_address.get(&address).map(String::as_str)
+    }
+
+    /// Is `name` a service of this snapshot?
+    pub fn has_service(&self, name: &str) -> bool {
+        self.primaries.contains_key(name)
+    }
+
+    /// The endpoints of one version of a service (empty when it has none ready).
+    pub fn endpoints(&self, service: &str, version: &str) -> &[Endpoint] {
+        self.endpoints
+            .get(service)
+            .and_then(|versions| versions.get(version))
+            .map_or(&[], |e| e)
+    }
+
+    /// Every service address, for the datapath's redirect map.
+    pub fn service_addresses(&self) -> Vec<SocketAddr> {
+        self.by_address.keys().copied().collect()
     }
 
     /// Which release and version a request with these tags gets at `service`, and why.

@@ -36,8 +36,8 @@ static HOST_PROCESSES: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
 
 #[derive(Default)]
 struct Made {
-    /// Pod network namespaces and cgroups, in creation order.
-    pods: Vec<(String, PathBuf)>,
+    /// Pod network namespaces, host-side veths and cgroups, in creation order.
+    pods: Vec<(String, String, PathBuf)>,
     cgroup: Option<PathBuf>,
     /// `ip` arguments that remove an address from `lo`.
     addresses: Vec<Vec<String>>,
@@ -55,9 +55,12 @@ fn tear_down(node: &str) {
         return;
     };
     let mut problems = Vec::new();
-    for (netns, cgroup) in made.pods.iter().rev() {
+    for (netns, veth, cgroup) in made.pods.iter().rev() {
         // Only processes this bed started live in its pods' cgroups.
         kill_cgroup(cgroup);
+        // Deleting the veth first removes it and its routes now; a namespace's own teardown
+        // is asynchronous and would leave them to collide with the next bed.
+        let _ = sh("ip", &["link", "del", veth]);
         if let Err(err) = sh("ip", &["netns", "del", netns]) {
             problems.push(err.to_string());
         }
@@ -388,7 +391,10 @@ impl Node {
         let ip6: Ipv6Addr = format!("fd5e:0:{:x}::{:x}", self.index, 0x10 + i).parse()?;
         let cgroup = self.cgroup.join(format!("pod-{name}"));
         sh("ip", &["netns", "add", &netns])?;
-        made(&self.name, |m| m.pods.push((netns.clone(), cgroup.clone())));
+        made(&self.name, |m| {
+            m.pods
+                .push((netns.clone(), host_veth.clone(), cgroup.clone()))
+        });
         self.pods.push(Pod {
             name: name.to_string(),
             netns: netns.clone(),
@@ -408,9 +414,15 @@ impl Node {
                 "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns", &netns,
             ],
         )?;
+        // Answer the pod's ARP for its gateway at once (the kernel delays proxy ARP replies by
+        // up to 0.8 s by default, which stalls every new pod's first packets).
         sh(
             "sysctl",
-            &["-qw", &format!("net.ipv4.conf.{host_veth}.proxy_arp=1")],
+            &[
+                "-qw",
+                &format!("net.ipv4.conf.{host_veth}.proxy_arp=1"),
+                &format!("net.ipv4.neigh.{host_veth}.proxy_delay=0"),
+            ],
         )?;
         sh("ip", &["link", "set", &host_veth, "up"])?;
         sh(

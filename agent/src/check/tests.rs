@@ -266,7 +266,7 @@ mod oracle {
         #![proptest_config(ProptestConfig::with_cases(200))]
         #[test]
         fn verdicts_agree_with_brute_force(releases in releases()) {
-            let config = Config { services: vec![], releases };
+            let config = Config { releases, ..Config::default() };
             let report = check(&config);
             let rules = Ruleset::compile(&config).unwrap();
             let ranked: Vec<&str> = rules.releases().iter().map(|r| &*r.name).collect();

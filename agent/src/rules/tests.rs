@@ -41,8 +41,8 @@ fn release(name: &str, priority: u32, matchers: Vec<Matcher>) -> Release {
 
 fn ruleset(releases: Vec<Release>) -> Ruleset {
     Ruleset::compile(&Config {
-        services: vec![],
         releases,
+        ..Config::default()
     })
     .unwrap()
 }
@@ -164,8 +164,8 @@ fn sticky_hash_is_stable_across_builds() {
 #[test]
 fn invalid_regex_fails_to_compile_with_the_release_named() {
     let err = Ruleset::compile(&Config {
-        services: vec![],
         releases: vec![release("bad", 1, vec![regex("x", "(")])],
+        ..Config::default()
     })
     .unwrap_err();
     let message = format!("{err:#}");

@@ -1,0 +1,150 @@
+//! Prometheus metrics. Labels are bounded by the configuration (service, version and release
+//! names, a status class): never a raw tag value or a client address.
+
+use std::{sync::Mutex, time::Duration};
+
+use http::StatusCode;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub service: String,
+    pub version: String,
+    pub release: String,
+    /// 2xx, 3xx, 4xx or 5xx.
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub service: String,
+    pub version: String,
+    pub release: String,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RouteLabels, Counter>,
+    latency: Family<LatencyLabels, Histogram>,
+    upstream_errors: Counter,
+    unrouted: Counter,
+    reloads: Family<ReloadLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// "applied" or "rejected".
+    pub result: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to ~26 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.00005, 2.0, 20,
+    ))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("steer");
+        let requests = Family::<RouteLabels, Counter>::default();
+        let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let upstream_errors = Counter::default();
+        let unrouted = Counter::default();
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests proxied, by route and status class",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers, by route",
+            latency.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Requests whose upstream failed",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "unrouted_requests",
+            "Requests for no known service",
+            unrouted.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, applied or rejected",
+            reloads.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            requests,
+            latency,
+            upstream_errors,
+            unrouted,
+            reloads,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn observe(
+        &self,
+        service: &str,
+        version: &str,
+        release: Option<&str>,
+        status: StatusCode,
+        took: Duration,
+    ) {
+        let release = release.unwrap_or("").to_string();
+        let code = format!("{}xx", status.as_u16() / 100);
+        self.requests
+            .get_or_create(&RouteLabels {
+                service: service.to_string(),
+                version: version.to_string(),
+                release: release.clone(),
+                code,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&LatencyLabels {
+                service: service.to_string(),
+                version: version.to_string(),
+                release,
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn upstream_error(&self) {
+        self.upstream_errors.inc();
+    }
+
+    pub fn unrouted(&self) {
+        self.unrouted.inc();
+    }
+
+    pub fn reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "rejected" };
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}

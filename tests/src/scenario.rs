@@ -1,0 +1,237 @@
+//! One of the seed's case studies deployed on a test bed: a pod per service version running
+//! the demo service, kube-proxy DNAT for every service, and the real `steer run` agent with
+//! the fixture's rules, attached to the bed's cgroup.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use steer::config::Config;
+
+use crate::{Node, Process, http};
+
+pub const PROXY_PORT: u16 = 15001;
+pub const GATEWAY_PORT: u16 = 15080;
+pub const ADMIN_PORT: u16 = 15000;
+
+/// A binary built next to the running one (target/<profile>/).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("exe dir")?;
+    // Test executables live in target/<profile>/deps.
+    for candidate in [dir.join(name), dir.join("..").join(name)] {
+        if candidate.exists() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "{name} is not built next to {} (cargo build --workspace)",
+        exe.display()
+    )
+}
+
+/// The path a request took: (service, version, release stamp seen) per hop, depth first.
+#[derive(Debug, Deserialize)]
+pub struct Hop {
+    pub service: String,
+    pub version: String,
+    pub release: Option<String>,
+    #[serde(default)]
+    pub calls: Vec<Hop>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Hop {
+    /// Every hop, depth first.
+    pub fn flatten(&self) -> Vec<&Hop> {
+        std::iter::once(self)
+            .chain(self.calls.iter().flat_map(Hop::flatten))
+            .collect()
+    }
+
+    /// `service/version` per hop, e.g. `order/v1 -> restaurant/v2-red -> delivery/v1`.
+    pub fn path(&self) -> String {
+        self.flatten()
+            .iter()
+            .map(|h| format!("{}/{}", h.service, h.version))
+            .collect::<Vec<_>>()
+            .join(" -> ")
+    }
+}
+
+pub struct Scenario {
+    /// The steer agent (declared first: it goes before the bed it is attached to).
+    pub agent: Option<Process>,
+    workload: Vec<Process>,
+    pub config_path: PathBuf,
+    pub config: Config,
+    pub gateway: SocketAddr,
+    pub admin: SocketAddr,
+    pub node: Node,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Moves a fixture's addresses into the bed's ranges (services 10.96.0.x -> 10.202.B.x, pods
+/// 10.244.1.x -> 10.201.B.x), so parallel beds never share an address.
+pub fn remap(text: &str, node: &Node) -> String {
+    text.replace("10.96.0.", &format!("10.202.{}.", node.index))
+        .replace("10.244.1.", &format!("10.201.{}.", node.index))
+}
+
+impl Scenario {
+    /// Deploys `fixture` (a file in deploy/examples) where `calls` says who calls whom, e.g.
+    /// `[("order", &["restaurant"]), ("restaurant", &["delivery"])]`.
+    pub fn deploy(fixture: &Path, calls: &[(&str, &[&str])], node: Node) -> Result<Scenario> {
+        let text = std::fs::read_to_string(fixture)
+            .with_context(|| format!("read {}", fixture.display()))?;
+        let text = remap(&text, &node);
+        let dir = std::env::temp_dir().join(format!("steer-{}", node.name));
+        std::fs::create_dir_all(&dir)?;
+        let dir = TempDir(dir);
+        let config_path = dir.0.join("steer.yaml");
+        std::fs::write(&config_path, &text)?;
+        let config = Config::from_yaml(&text, &config_path.display().to_string())?;
+        let mut scenario = Scenario {
+            agent: None,
+            workload: Vec::new(),
+            config_path,
+            config,
+            gateway: SocketAddr::from((node.address, GATEWAY_PORT)),
+            admin: SocketAddr::from((node.address, ADMIN_PORT)),
+            node,
+            _dir: dir,
+        };
+        scenario.start_workload(calls)?;
+        scenario.start_agent()?;
+        scenario.wait_for_workload(calls)?;
+        Ok(scenario)
+    }
+
+    fn service_address(&self, name: &str) -> Result<SocketAddr> {
+        self.config
+            .service(name)
+            .and_then(|s| s.addresses.first().copied())
+            .with_context(|| format!("service {name} has no address"))
+    }
+
+    fn start_workload(&mut self, calls: &[(&str, &[&str])]) -> Result<()> {
+        let demo = binary("demo-service")?;
+        for service in self.config.services.clone() {
+            let downstream: Vec<String> = calls
+                .iter()
+                .find(|(name, _)| *name == service.name)
+                .map(|(_, d)| d.to_vec())
+                .unwrap_or_default()
+                .iter()
+                .map(|d| Ok(format!("{d}={}", self.service_address(d)?)))
+                .collect::<Result<_>>()?;
+            for version in &service.versions {
+                for endpoint in &version.endpoints {
+                    let SocketAddr::V4(endpoint) = endpoint else {
+                        bail!("the test bed runs IPv4 workloads");
+                    };
+                    let pod_name = format!("{}-{}", service.name, version.name);
+                    let pod = self.node.add_pod_at(&pod_name, *endpoint.ip())?;
+                    let mut command = Command::new(&demo);
+                    command
+                        .args(["--service", &service.name, "--version", &version.name])
+                        .args(["--listen", &format!("0.0.0.0:{}", endpoint.port())]);
+                    for call in &downstream {
+                        command.args(["--call", call]);
+                    }
+                    let process = pod.spawn(&command)?;
+                    self.workload.push(process);
+                }
+            }
+            // kube-proxy's view: the service address goes to a primary pod.
+            if let (Some(address), Some(primary)) = (service.addresses.first(), service.primary())
+                && let Some(endpoint) = primary.endpoints.first()
+            {
+                self.node.add_service(*address, *endpoint)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts) `steer run` and waits until it is ready.
+    pub fn start_agent(&mut self) -> Result<()> {
+        self.agent = None;
+        let steer = binary("steer")?;
+        let mut command = Command::new(steer);
+        command
+            .arg("run")
+            .args(["--config", &self.config_path.display().to_string()])
+            .args([
+                "--listen",
+                &SocketAddr::from((self.node.address, PROXY_PORT)).to_string(),
+            ])
+            .args(["--gateway", &self.gateway.to_string()])
+            .args(["--admin", &self.admin.to_string()])
+            .args(["--cgroup", &self.node.cgroup.display().to_string()])
+            .args(["--drain-grace", "5"]);
+        self.agent = Some(Process::start_on_host(&mut command, None)?);
+        let started = Instant::now();
+        loop {
+            if let Ok(reply) = http::get(self.admin, "/readyz", &[])
+                && reply.status == 200
+            {
+                break;
+            }
+            if let Some(agent) = self.agent.as_mut()
+                && let Some(status) = agent.try_wait()?
+            {
+                bail!("steer run exited: {status}");
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("steer run did not become ready");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Waits until the first service of the chain answers through the gateway with every hop
+    /// up: pods start listening a little after they are spawned.
+    fn wait_for_workload(&self, calls: &[(&str, &[&str])]) -> Result<()> {
+        let Some((entry, _)) = calls.first() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        loop {
+            match self.request(entry, &[]) {
+                Ok(hop) if hop.flatten().iter().all(|h| h.error.is_none()) => return Ok(()),
+                Ok(_) | Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(hop) => bail!("the workload does not answer: {hop:?}"),
+                Err(err) => return Err(err.context("the workload does not answer")),
+            }
+        }
+    }
+
+    /// A request through the gateway to `service` with the given tag headers: the path taken.
+    pub fn request(&self, service: &str, tags: &[(&str, &str)]) -> Result<Hop> {
+        let mut headers = vec![("host", service)];
+        headers.extend_from_slice(tags);
+        let reply = http::get(self.gateway, "/", &headers)?;
+        if reply.status != 200 {
+            bail!("gateway answered {}: {}", reply.status, reply.body);
+        }
+        serde_json::from_str(&reply.body).with_context(|| format!("demo answer {}", reply.body))
+    }
+}

@@ -1,0 +1,149 @@
+//! The seed's case studies end to end on a simulated node: real pods (network namespaces) run
+//! the demo service, the real `steer run` agent redirects their calls with eBPF, and requests
+//! enter through the gateway with user tags. Every path is checked against the seed.
+
+use std::path::PathBuf;
+
+use steer_tests::{
+    Node, http,
+    scenario::{Hop, Scenario},
+};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples")
+        .join(name)
+}
+
+const FOOD_CHAIN: &[(&str, &[&str])] = &[("order", &["restaurant"]), ("restaurant", &["delivery"])];
+/// User tags of a request: (header, value) pairs.
+type Tags = &'static [(&'static str, &'static str)];
+
+const ANDROID: (&str, &str) = ("x-device", "android");
+const IPHONE: (&str, &str) = ("x-device", "iphone");
+const ATLANTIS: (&str, &str) = ("x-region", "atlantis");
+
+fn food_delivery() -> Scenario {
+    Scenario::deploy(
+        &fixture("food-delivery.yaml"),
+        FOOD_CHAIN,
+        Node::new().unwrap(),
+    )
+    .unwrap()
+}
+
+/// The path, and the release stamp every hop saw (all hops must agree).
+fn path_and_release(hop: &Hop) -> (String, Option<String>) {
+    let hops = hop.flatten();
+    for h in &hops {
+        assert!(h.error.is_none(), "hop failed: {h:?}");
+        assert_eq!(
+            h.release, hops[0].release,
+            "one release per request, on every hop: {hop:?}"
+        );
+    }
+    (hop.path(), hops[0].release.clone())
+}
+
+#[test]
+fn seed_section_5_every_tag_combination_takes_its_path() {
+    let scenario = food_delivery();
+    let cases: [(Tags, &str, Option<&str>); 6] = [
+        (
+            &[ATLANTIS],
+            "order/v1 -> restaurant/v1 -> delivery/v2-green",
+            Some("green"),
+        ),
+        (
+            &[ANDROID],
+            "order/v1 -> restaurant/v2-blue -> delivery/v2-blue",
+            Some("blue"),
+        ),
+        (
+            &[ANDROID, ATLANTIS],
+            "order/v1 -> restaurant/v2-red -> delivery/v1",
+            Some("red"),
+        ),
+        (&[], "order/v1 -> restaurant/v1 -> delivery/v1", None),
+        (&[IPHONE], "order/v1 -> restaurant/v1 -> delivery/v1", None),
+        (
+            &[IPHONE, ATLANTIS],
+            "order/v1 -> restaurant/v1 -> delivery/v2-green",
+            Some("green"),
+        ),
+    ];
+    for (tags, path, release) in cases {
+        let hop = scenario.request("order", tags).unwrap();
+        assert_eq!(
+            path_and_release(&hop),
+            (path.to_string(), release.map(str::to_string)),
+            "{tags:?}"
+        );
+    }
+}
+
+#[test]
+fn a_forged_stamp_from_outside_has_no_effect() {
+    let scenario = food_delivery();
+    let hop = scenario
+        .request(
+            "order",
+            &[("x-steer-release", "red"), ("baggage", "steer-release=red")],
+        )
+        .unwrap();
+    assert_eq!(
+        path_and_release(&hop),
+        ("order/v1 -> restaurant/v1 -> delivery/v1".to_string(), None)
+    );
+}
+
+#[test]
+fn later_hops_route_by_the_stamp_without_the_tags() {
+    let scenario = food_delivery();
+    // A pod calls restaurant directly (through the redirect) with a stamp and no tags: the
+    // stamp is honoured inside the mesh, on this hop and the next.
+    let order_pod = scenario.node.pod("order-v1");
+    let restaurant = scenario.config.service("restaurant").unwrap().addresses[0];
+    let output = order_pod
+        .exec(std::process::Command::new("curl").args([
+            "-s",
+            "-H",
+            "x-steer-release: blue",
+            &format!("http://{restaurant}/"),
+        ]))
+        .unwrap();
+    let hop: Hop = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    assert_eq!(
+        path_and_release(&hop),
+        (
+            "restaurant/v2-blue -> delivery/v2-blue".to_string(),
+            Some("blue".to_string())
+        )
+    );
+}
+
+#[test]
+fn the_admin_server_explains_like_the_cli_and_counts_requests() {
+    let scenario = food_delivery();
+    scenario.request("order", &[ANDROID]).unwrap();
+    let reply = http::get(
+        scenario.admin,
+        "/explain?service=restaurant&header=x-device:android&header=x-region:atlantis",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let answer: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(answer["release"], "red");
+    assert_eq!(answer["version"], "v2-red");
+    let metrics = http::get(scenario.admin, "/metrics", &[]).unwrap();
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.body.contains(
+            "steer_requests_total{service=\"restaurant\",version=\"v2-blue\",release=\"blue\",code=\"2xx\"} 1"
+        ),
+        "{}",
+        metrics.body
+    );
+}
