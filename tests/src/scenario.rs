@@ -183,7 +183,12 @@ impl Scenario {
             .args(["--gateway", &self.gateway.to_string()])
             .args(["--admin", &self.admin.to_string()])
             .args(["--cgroup", &self.node.cgroup.display().to_string()])
-            .args(["--drain-grace", "5"]);
+            .args(["--drain-grace", "5"])
+            // Quiet unless asked: warnings and errors (a rejected edit) still show.
+            .env(
+                "RUST_LOG",
+                std::env::var("STEER_LOG").unwrap_or_else(|_| "warn".to_string()),
+            );
         self.agent = Some(Process::start_on_host(&mut command, None)?);
         let started = Instant::now();
         loop {

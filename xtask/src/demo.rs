@@ -1,34 +1,45 @@
-//! `cargo xtask demo`: the seed's case studies, decided and explained by the real `steer` binary.
+//! `cargo xtask demo`: the seed's case studies live on a simulated node.
 //!
-//! For each scenario it checks the configuration, then prints, per combination of user tags,
-//! the path of versions a request takes through the chain and the release it belongs to.
+//! For each scenario it deploys a pod per service version (the demo service), starts the real
+//! `steer run` agent with the fixture's rules (eBPF redirect + node proxy), sends requests
+//! through the gateway for each combination of user tags, and prints the path of versions each
+//! request took and its release, checked against `steer explain`'s answer hop by hop. The food
+//! delivery scenario then edits the rules live. Everything is removed afterwards, also on
+//! Ctrl-C; a wrong path fails the demo.
 
-use std::{path::Path, process::Command};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
+use steer::{config::Config, rules::HeaderPairs, state::Snapshot};
+use steer_tests::{
+    Node,
+    scenario::{Hop, Scenario, remap},
+};
 
-/// One of the seed's case studies: a fixture, the call chain, and the tag combinations to show.
-pub struct Scenario {
+/// One of the seed's case studies.
+pub struct Demo {
     pub name: &'static str,
     pub title: &'static str,
     pub file: &'static str,
-    pub chain: &'static [&'static str],
-    pub tags: &'static [&'static [&'static str]],
-    /// A misconfigured variant whose check output the demo shows.
-    pub broken: Option<&'static str>,
+    /// Who calls whom; requests enter at each `entries` service.
+    pub calls: &'static [(&'static str, &'static [&'static str])],
+    pub entries: &'static [&'static str],
+    pub tags: &'static [&'static [(&'static str, &'static str)]],
+    /// A misconfigured variant: shown rejected by the checker and by the running agent.
+    pub broken: &'static str,
 }
 
-const ANDROID: &str = "x-device: android";
-const IPHONE: &str = "x-device: iphone";
-const ATLANTIS: &str = "x-region: atlantis";
+const ANDROID: (&str, &str) = ("x-device", "android");
+const IPHONE: (&str, &str) = ("x-device", "iphone");
+const ATLANTIS: (&str, &str) = ("x-region", "atlantis");
 
-pub const SCENARIOS: [Scenario; 3] = [
-    Scenario {
+pub const DEMOS: [Demo; 3] = [
+    Demo {
         name: "food-delivery",
         title: "Seed section 5: food delivery, three overlapping canaries",
         file: "food-delivery.yaml",
-        chain: &["order", "restaurant", "delivery"],
+        calls: &[("order", &["restaurant"]), ("restaurant", &["delivery"])],
+        entries: &["order"],
         tags: &[
             &[],
             &[ATLANTIS],
@@ -37,91 +48,148 @@ pub const SCENARIOS: [Scenario; 3] = [
             &[IPHONE],
             &[IPHONE, ATLANTIS],
         ],
-        broken: Some("food-delivery-shadowed.yaml"),
+        broken: "food-delivery-shadowed.yaml",
     },
-    Scenario {
+    Demo {
         name: "order-email",
         title: "Seed section 3: order -> email, two teams' canaries at once",
         file: "order-email.yaml",
-        chain: &["order", "email"],
+        calls: &[("order", &["email"])],
+        entries: &["order"],
         tags: &[&[], &[ANDROID], &[ATLANTIS], &[ANDROID, ATLANTIS]],
-        broken: Some("order-email-ambiguous.yaml"),
+        broken: "order-email-ambiguous.yaml",
     },
-    Scenario {
+    Demo {
         name: "abz",
         title: "Seed section 4: A and B call Z; each canary has its own Z",
         file: "abz.yaml",
-        chain: &["a", "b", "z"],
+        calls: &[("a", &["z"]), ("b", &["z"])],
+        entries: &["a", "b"],
         tags: &[&[], &[ANDROID], &[IPHONE]],
-        broken: Some("abz-conflict.yaml"),
+        broken: "abz-conflict.yaml",
     },
 ];
 
-fn steer(binary: &Path, args: &[&str]) -> Result<(bool, String)> {
-    let output = Command::new(binary)
-        .args(args)
-        .output()
-        .with_context(|| format!("run {}", binary.display()))?;
-    if output.status.code() == Some(2) {
-        bail!(
-            "steer {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+fn label(tags: &[(&str, &str)]) -> String {
+    if tags.is_empty() {
+        return "(no tags)".to_string();
     }
-    Ok((
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    ))
+    tags.iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-pub fn run(root: &Path, binary: &Path, scenario: &Scenario) -> Result<()> {
+/// What `steer explain` says each hop of `hop`'s path should be.
+fn expected(snapshot: &Snapshot, hop: &Hop, tags: &[(&str, &str)]) -> String {
+    let tags = HeaderPairs::new(tags.iter().copied());
+    hop.flatten()
+        .iter()
+        .map(|h| {
+            let version = snapshot
+                .explain(&h.service, &tags)
+                .map_or("?".to_string(), |e| e.version);
+            format!("{}/{version}", h.service)
+        })
+        .collect::<Vec<_>>()
+        .join(" -> ")
+}
+
+/// Sends every tag combination to every entry and prints the table; errors on a wrong path.
+fn table(scenario: &Scenario, demo: &Demo, config: &Config) -> Result<()> {
+    let (snapshot, _) = Snapshot::build(config.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("  {:<38} {:<56} release", "user tags", "path taken");
+    for entry in demo.entries {
+        for tags in demo.tags {
+            let hop = scenario.request(entry, tags)?;
+            let hops = hop.flatten();
+            if let Some(failed) = hops.iter().find(|h| h.error.is_some()) {
+                bail!("{}: {:?}", failed.service, failed.error);
+            }
+            let release = hops[0].release.clone();
+            if hops.iter().any(|h| h.release != release) {
+                bail!("a request saw two releases: {hop:?}");
+            }
+            let path = hop.path();
+            let want = expected(&snapshot, &hop, tags);
+            println!(
+                "  {:<38} {:<56} {}",
+                label(tags),
+                path,
+                release.as_deref().unwrap_or("(primary)")
+            );
+            if path != want {
+                bail!(
+                    "wrong path for {}: {path}, steer explain says {want}",
+                    label(tags)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check(steer: &Path, file: &Path) -> Result<()> {
+    let output = Command::new(steer)
+        .args(["check", "--config", &file.display().to_string()])
+        .output()
+        .context("run steer check")?;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+/// Replaces the running agent's configuration file and gives the agent time to react.
+fn edit(scenario: &Scenario, text: &str) -> Result<Config> {
+    std::fs::write(&scenario.config_path, text)?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(Config::from_yaml(text, "edit")?)
+}
+
+pub fn run(root: &Path, steer: &Path, demo: &Demo) -> Result<()> {
     let examples = root.join("deploy/examples");
-    let config = examples.join(scenario.file).display().to_string();
-    println!("\n=== {} ===\n", scenario.title);
-    let (valid, report) = steer(binary, &["check", "--config", &config])?;
-    print!("{report}");
-    if !valid {
-        bail!("{} should be valid", scenario.file);
-    }
+    println!("\n=== {} ===\n", demo.title);
+    check(steer, &examples.join(demo.file))?;
+    let scenario = Scenario::deploy(&examples.join(demo.file), demo.calls, Node::new()?)?;
     println!(
-        "\n{:<38} {:<52} release",
-        "user tags",
-        scenario.chain.join(" -> ")
+        "\n  node {}: {} pods, steer run with {} (eBPF redirect + proxy)\n",
+        scenario.node.name,
+        scenario
+            .config
+            .services
+            .iter()
+            .map(|s| s.versions.len())
+            .sum::<usize>(),
+        demo.file
     );
-    for tags in scenario.tags {
-        let mut hops = Vec::new();
-        let mut release = String::from("(primary)");
-        for service in scenario.chain {
-            let mut args = vec!["explain", "--config", &config, "--service", service];
-            args.extend(["--format", "json"]);
-            for tag in *tags {
-                args.extend(["--header", tag]);
-            }
-            let (_, answer) = steer(binary, &args)?;
-            let answer: Value = serde_json::from_str(&answer).context("explain output")?;
-            hops.push(format!(
-                "{service}/{}",
-                answer["version"].as_str().unwrap_or("?")
-            ));
-            if let Some(name) = answer["release"].as_str() {
-                release = name.to_string();
-            }
-        }
-        let label = if tags.is_empty() {
-            "(no tags)".to_string()
-        } else {
-            tags.join(", ")
-        };
-        println!("{label:<38} {:<52} {release}", hops.join(" -> "));
-    }
-    if let Some(broken) = scenario.broken {
-        let path = examples.join(broken).display().to_string();
-        println!("\nA misconfiguration the checker catches ({broken}):");
-        let (valid, report) = steer(binary, &["check", "--config", &path])?;
-        print!("{report}");
-        if valid {
-            bail!("{broken} should be rejected");
-        }
+    table(&scenario, demo, &scenario.config)?;
+
+    println!(
+        "\n  A misconfiguration ({}), as `steer check` sees it:",
+        demo.broken
+    );
+    check(steer, &examples.join(demo.broken))?;
+    let original = std::fs::read_to_string(&scenario.config_path)?;
+    let broken = remap(
+        &std::fs::read_to_string(examples.join(demo.broken))?,
+        &scenario.node,
+    );
+    edit(&scenario, &broken)?;
+    println!("\n  Written to the running agent's file: rejected, the previous rules keep serving:");
+    table(&scenario, demo, &scenario.config)?;
+
+    if demo.name == "food-delivery" {
+        // A valid live edit: retire the red canary. Android users in Atlantis fall to blue.
+        let mut without_red = scenario.config.clone();
+        without_red.releases.retain(|r| r.name != "red");
+        let text = serde_yaml_ng::to_string(&without_red)?;
+        let applied = edit(&scenario, &text)?;
+        println!("\n  Live edit: the red release removed (applied within 100 ms, no restart):");
+        table(&scenario, demo, &applied)?;
+        let restored = edit(&scenario, &original)?;
+        println!("\n  Restored:");
+        table(&scenario, demo, &restored)?;
     }
     Ok(())
 }

@@ -48,26 +48,18 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf(),
         Task::Ci => {
+            steer_tests::node::tear_down_on_signals()?;
             setup()?;
             cargo(&["fmt", "--all", "--", "--check"])?;
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
-            cargo(&["test", "--no-fail-fast"])
+            cargo(&["test", "--no-fail-fast"])?;
+            // A smoke run of the main job: it fails on any wrong path.
+            demo(None)
         }
         Task::Demo { scenario } => {
+            steer_tests::node::tear_down_on_signals()?;
             setup()?;
-            cargo(&["build", "--package", "steer"])?;
-            let binary = workspace_root().join("target/debug/steer");
-            let chosen: Vec<&demo::Scenario> = demo::SCENARIOS
-                .iter()
-                .filter(|s| scenario.as_deref().is_none_or(|name| name == s.name))
-                .collect();
-            if chosen.is_empty() {
-                bail!("unknown scenario {scenario:?}: food-delivery, order-email or abz");
-            }
-            for scenario in chosen {
-                demo::run(&workspace_root(), &binary, scenario)?;
-            }
-            Ok(())
+            demo(scenario.as_deref())
         }
         Task::Bench => {
             let started = SystemTime::now();
@@ -84,6 +76,24 @@ fn main() -> Result<()> {
             bench::summarize(&workspace_root().join("target"), started)
         }
     }
+}
+
+/// Builds the agent, the demo service and the test bed's tools, then runs the scenarios.
+fn demo(only: Option<&str>) -> Result<()> {
+    cargo(&["build", "--package", "steer", "--package", "steer-tests"])?;
+    let steer = workspace_root().join("target/debug/steer");
+    let chosen: Vec<&demo::Demo> = demo::DEMOS
+        .iter()
+        .filter(|d| only.is_none_or(|name| name == d.name))
+        .collect();
+    if chosen.is_empty() {
+        bail!("unknown scenario {only:?}: food-delivery, order-email or abz");
+    }
+    for scenario in chosen {
+        demo::run(&workspace_root(), &steer, scenario)?;
+    }
+    println!("\ndemo: every path matched `steer explain`");
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {
