@@ -337,7 +337,12 @@ impl Node {
             ("-4", format!("{}/32", node.address)),
             ("-6", format!("{}/128", node.address6)),
         ] {
-            sh("ip", &[family, "addr", "add", &address, "dev", "lo"])?;
+            // nodad: the IPv6 address is usable (as a route source) at once.
+            let mut add = vec![family, "addr", "add", &address, "dev", "lo"];
+            if family == "-6" {
+                add.push("nodad");
+            }
+            sh("ip", &add)?;
             let undo = [family, "addr", "del", &address, "dev", "lo"].map(String::from);
             made(&name, |m| m.addresses.push(undo.to_vec()));
         }
@@ -437,9 +442,21 @@ impl Node {
                 "nodad",
             ],
         )?;
+        // The node's own address is the source of its connections to pods (as a node IP is
+        // in a cluster): without it the kernel may pick another bed's address, which vanishes
+        // when that bed is torn down and strands the connection.
+        let (src, src6) = (self.address.to_string(), self.address6.to_string());
         sh(
             "ip",
-            &["route", "add", &format!("{ip}/32"), "dev", &host_veth],
+            &[
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                &host_veth,
+                "src",
+                &src,
+            ],
         )?;
         sh(
             "ip",
@@ -450,6 +467,8 @@ impl Node {
                 &format!("{ip6}/128"),
                 "dev",
                 &host_veth,
+                "src",
+                &src6,
             ],
         )?;
         in_pod(&["ip", "link", "set", "lo", "up"])?;

@@ -147,3 +147,131 @@ fn the_admin_server_explains_like_the_cli_and_counts_requests() {
         metrics.body
     );
 }
+
+#[test]
+fn seed_section_3_order_and_email_follow_one_release_end_to_end() {
+    let scenario = Scenario::deploy(
+        &fixture("order-email.yaml"),
+        &[("order", &["email"])],
+        Node::new().unwrap(),
+    )
+    .unwrap();
+    let cases: [(Tags, &str, Option<&str>); 4] = [
+        (
+            &[ANDROID],
+            "order/v1.1 -> email/v2.1",
+            Some("android-order"),
+        ),
+        (
+            &[ATLANTIS],
+            "order/v1.0 -> email/v2.0.1",
+            Some("atlantis-email"),
+        ),
+        (
+            &[ANDROID, ATLANTIS],
+            "order/v1.1 -> email/v2.1",
+            Some("android-order"),
+        ),
+        (&[], "order/v1.0 -> email/v2.0", None),
+    ];
+    for (tags, path, release) in cases {
+        let hop = scenario.request("order", tags).unwrap();
+        assert_eq!(
+            path_and_release(&hop),
+            (path.to_string(), release.map(str::to_string)),
+            "{tags:?}"
+        );
+    }
+}
+
+#[test]
+fn seed_section_4_each_canary_reaches_its_own_z() {
+    let scenario = Scenario::deploy(
+        &fixture("abz.yaml"),
+        &[("a", &["z"]), ("b", &["z"])],
+        Node::new().unwrap(),
+    )
+    .unwrap();
+    for entry in ["a", "b"] {
+        let android = path_and_release(&scenario.request(entry, &[ANDROID]).unwrap());
+        assert!(android.0.ends_with("z/v2-android"), "{android:?}");
+        assert_eq!(android.1.as_deref(), Some("a-prime"));
+        let iphone = path_and_release(&scenario.request(entry, &[IPHONE]).unwrap());
+        assert!(iphone.0.ends_with("z/v2-iphone"), "{iphone:?}");
+        assert_eq!(iphone.1.as_deref(), Some("b-prime"));
+    }
+}
+
+#[test]
+fn thousands_of_mixed_requests_agree_with_explain_and_never_mix_releases() {
+    let scenario = food_delivery();
+    let (snapshot, _) = steer::state::Snapshot::build(scenario.config.clone()).unwrap();
+    let devices = [None, Some("android"), Some("iphone")];
+    let regions = [None, Some("atlantis"), Some("mu")];
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..2000usize {
+        let user = format!("user-{i}");
+        let mut tags = vec![("x-user-id", user.as_str())];
+        tags.extend(devices[i % 3].map(|d| ("x-device", d)));
+        tags.extend(regions[(i / 3) % 3].map(|r| ("x-region", r)));
+        let hop = scenario.request("order", &tags).unwrap();
+        let (path, release) = path_and_release(&hop);
+        let pairs = steer::rules::HeaderPairs::new(tags.iter().copied());
+        for h in hop.flatten() {
+            let explained = snapshot.explain(&h.service, &pairs).unwrap();
+            assert_eq!(h.version, explained.version, "{tags:?}: {path}");
+            assert_eq!(release, explained.release, "{tags:?}: {path}");
+            // A canary version is only ever reached by its own release.
+            let owner = scenario
+                .config
+                .releases
+                .iter()
+                .find(|r| r.targets.get(&h.service) == Some(&h.version));
+            assert_eq!(
+                owner.map(|r| r.name.clone()),
+                owner.and(release.clone()),
+                "{path}"
+            );
+            if devices[i % 3].is_none() && regions[(i / 3) % 3].is_none() {
+                assert!(
+                    owner.is_none(),
+                    "an untagged request reached a canary: {path}"
+                );
+            }
+        }
+        seen.insert(path);
+    }
+    assert_eq!(
+        seen.len(),
+        4,
+        "every route of the seed was exercised: {seen:?}"
+    );
+}
+
+#[test]
+fn a_sticky_ten_percent_release_takes_ten_percent_of_users() {
+    let scenario = Scenario::deploy(
+        &fixture("percentage.yaml"),
+        &[("order", &["delivery"])],
+        Node::new().unwrap(),
+    )
+    .unwrap();
+    let mut canary = 0;
+    for i in 0..2000 {
+        let user = format!("u{i}");
+        let tags = [ANDROID, ("x-user-id", user.as_str())];
+        let first = path_and_release(&scenario.request("order", &tags).unwrap());
+        if first.1.is_some() {
+            canary += 1;
+            assert_eq!(first.0, "order/v1 -> delivery/v2");
+        }
+        if i % 10 == 0 {
+            let again = path_and_release(&scenario.request("order", &tags).unwrap());
+            assert_eq!(first, again, "user {user} switched sides");
+        }
+    }
+    assert!(
+        (140..=260).contains(&canary),
+        "{canary} of 2000 users in a 10% release"
+    );
+}

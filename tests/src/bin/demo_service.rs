@@ -5,6 +5,9 @@
 //! of versions its request took. Like an instrumented application it forwards the tag
 //! headers, the stamp and `baggage` to its downstream calls, and it calls them by their
 //! *service* address, never by pod IP: only the node agent decides where a call goes.
+//!
+//! For the proxy's tests it also speaks HTTP/2 (h2c), answers `?sleep=MS` after a delay, and
+//! accepts `Upgrade` requests (101) on which it echoes bytes back, like a WebSocket echo.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -13,7 +16,7 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -74,8 +77,8 @@ async fn main() -> Result<()> {
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(args.clone(), req));
             // A client that goes away mid-request is not this service's problem.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
         });
     }
