@@ -103,6 +103,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let originals = datapath
         .as_ref()
         .map(|d| Arc::new(d.original_destinations()) as Arc<dyn OriginalDestination>);
+    // Shared by the file watcher (service updates) and shutdown (detach first).
+    let datapath = Arc::new(std::sync::Mutex::new(datapath.take()));
 
     let state = Arc::new(ArcSwap::from_pointee(snapshot));
     let metrics = Arc::new(Metrics::default());
@@ -149,6 +151,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         let path = options.config.clone();
         let state = state.clone();
         let metrics = metrics.clone();
+        let datapath = datapath.clone();
         tokio::spawn(async move {
             let mut seen = stamp_of(&path);
             loop {
@@ -161,9 +164,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 let previous = state.load_full();
                 match load(&path, Some(&previous)) {
                     Ok(snapshot) => {
-                        if let Some(datapath) = datapath.as_mut()
-                            && let Err(err) = datapath.set_services(&snapshot.service_addresses())
-                        {
+                        let updated =
+                            match datapath.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                                Some(datapath) => {
+                                    datapath.set_services(&snapshot.service_addresses())
+                                }
+                                None => Ok(()),
+                            };
+                        if let Err(err) = updated {
                             error!(error = %format!("{err:#}"), "cannot update the datapath; keeping the previous configuration");
                             metrics.reload(false);
                             continue;
@@ -190,6 +198,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         _ = tokio::signal::ctrl_c() => info!("interrupted: draining"),
     }
     admin.ready.store(false, Ordering::Relaxed);
+    // Detach first: new pod connections take the cluster's normal service path while the
+    // requests in flight here finish.
+    drop(datapath.lock().unwrap_or_else(|e| e.into_inner()).take());
     let finished = trigger.drain(options.drain_grace).await;
     for listener in listeners {
         let _ = listener.await;

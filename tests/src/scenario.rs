@@ -229,6 +229,24 @@ impl Scenario {
         }
     }
 
+    /// Writes `config` to the agent's file and waits until the agent serves it (its /config
+    /// says so). Returns how long that took.
+    pub fn apply(&self, config: &Config) -> Result<Duration> {
+        let want = serde_json::to_value(config)?;
+        std::fs::write(&self.config_path, serde_yaml_ng::to_string(config)?)?;
+        let started = Instant::now();
+        loop {
+            let reply = http::get(self.admin, "/config", &[])?;
+            if serde_json::from_str::<serde_json::Value>(&reply.body).ok() == Some(want.clone()) {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > Duration::from_secs(5) {
+                bail!("the agent did not apply the new configuration");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// A request through the gateway to `service` with the given tag headers: the path taken.
     pub fn request(&self, service: &str, tags: &[(&str, &str)]) -> Result<Hop> {
         let mut headers = vec![("host", service)];

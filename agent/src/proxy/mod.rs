@@ -294,17 +294,19 @@ async fn handle(
     if kind == Listener::Gateway {
         stamp::strip(request.headers_mut());
     }
-    // Decide once: inside the mesh an existing stamp naming a known release is the decision.
+    // Decide once: inside the mesh an existing stamp is the decision. A stamp naming a release
+    // this snapshot does not have (one just retired) means primary, and the stamp stays on the
+    // request: deciding again could move it into another release halfway along its chain.
     let stamped = match kind {
-        Listener::Redirect => {
-            stamp::read(request.headers()).and_then(|name| snapshot.rules.get(name))
-        }
+        Listener::Redirect => stamp::read(request.headers()).map(str::to_string),
         Listener::Gateway => None,
     };
-    let release = stamped.or_else(|| snapshot.rules.decide(request.headers()));
-    match release {
-        Some(release) => stamp::write(request.headers_mut(), &release.name),
-        None => stamp::strip(request.headers_mut()),
+    let release = match &stamped {
+        Some(name) => snapshot.rules.get(name),
+        None => snapshot.rules.decide(request.headers()),
+    };
+    if let Some(release) = release {
+        stamp::write(request.headers_mut(), &release.name);
     }
     let Some(version) = snapshot.version_for(&service, release) else {
         return text_response(
