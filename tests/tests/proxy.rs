@@ -310,3 +310,36 @@ fn sigterm_drains_in_flight_requests_then_exits() {
     );
     assert!(TcpStream::connect(gateway).is_err(), "no longer accepting");
 }
+
+#[test]
+fn grpc_style_trailers_cross_the_proxy_over_h2c() {
+    let scenario = food_delivery();
+    let gateway = scenario.gateway;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, trailers) = runtime.block_on(async move {
+        use http_body_util::BodyExt;
+        let stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::post("http://order/trailers")
+            .header("te", "trailers")
+            .header("content-type", "application/grpc")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status();
+        let collected = response.into_body().collect().await.unwrap();
+        (status, collected.trailers().cloned())
+    });
+    assert_eq!(status, 200);
+    let trailers = trailers.expect("trailers arrive after the body");
+    assert_eq!(trailers["grpc-status"], "0");
+}

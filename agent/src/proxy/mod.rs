@@ -229,6 +229,10 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(name);
         }
     }
+    // `te: trailers` is kept: gRPC servers require it, and it means the same on every hop.
+    let te_trailers = headers
+        .get("te")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for name in [
         "keep-alive",
         "proxy-connection",
@@ -239,6 +243,9 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         "transfer-encoding",
     ] {
         headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert("te", HeaderValue::from_static("trailers"));
     }
     if keep_upgrade {
         headers.insert(

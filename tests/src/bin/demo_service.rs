@@ -6,7 +6,8 @@
 //! headers, the stamp and `baggage` to its downstream calls, and it calls them by their
 //! *service* address, never by pod IP: only the node agent decides where a call goes.
 //!
-//! For the proxy's tests it also speaks HTTP/2 (h2c), answers `?sleep=MS` after a delay, and
+//! For the proxy's tests it also speaks HTTP/2 (h2c), sends gRPC-style trailers on `/trailers`,
+//! answers `?sleep=MS` after a delay, and
 //! accepts `Upgrade` requests (101) on which it echoes bytes back, like a WebSocket echo.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
@@ -14,7 +15,7 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use clap::Parser;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
@@ -87,7 +88,7 @@ async fn main() -> Result<()> {
 async fn handle(
     args: Arc<Args>,
     mut req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
     if req.headers().contains_key("upgrade") {
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -100,7 +101,7 @@ async fn handle(
             .status(StatusCode::SWITCHING_PROTOCOLS)
             .header("connection", "upgrade")
             .header("upgrade", "echo")
-            .body(Full::new(Bytes::new()))
+            .body(Full::new(Bytes::new()).boxed())
             .expect("valid response"));
     }
     if let Some(ms) = req
@@ -139,11 +140,19 @@ async fn handle(
             }
         }
     }
-    let body = serde_json::to_vec(&hop).expect("hop serialises");
+    let body = Full::new(Bytes::from(serde_json::to_vec(&hop).expect("hop serialises")));
+    // `/trailers` answers like a gRPC server: the status comes in trailers after the body.
+    let body = if req.uri().path() == "/trailers" {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        body.with_trailers(async move { Some(Ok(trailers)) }).boxed()
+    } else {
+        body.boxed()
+    };
     Ok(Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
+        .body(body)
         .expect("valid response"))
 }
 
