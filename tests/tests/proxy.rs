@@ -296,8 +296,9 @@ fn sigterm_drains_in_flight_requests_then_exits() {
         "the in-flight request finished: {}",
         reply.body
     );
+    // Within the drain grace (5 s) and the time to detach the programs.
     let mut exited = None;
-    for _ in 0..100 {
+    for _ in 0..400 {
         exited = agent.try_wait().unwrap();
         if exited.is_some() {
             break;
@@ -332,7 +333,9 @@ fn grpc_style_trailers_cross_the_proxy_over_h2c() {
         let request = hyper::Request::post("http://order/trailers")
             .header("te", "trailers")
             .header("content-type", "application/grpc")
-            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"\0\0\0\0\0")))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\0\0\0\0\0",
+            )))
             .unwrap();
         let response = sender.send_request(request).await.unwrap();
         let status = response.status();
@@ -342,4 +345,28 @@ fn grpc_style_trailers_cross_the_proxy_over_h2c() {
     assert_eq!(status, 200);
     let trailers = trailers.expect("trailers arrive after the body");
     assert_eq!(trailers["grpc-status"], "0");
+}
+
+#[test]
+fn debug_headers_can_be_turned_off() {
+    let scenario = food_delivery();
+    let reply = http::get(
+        scenario.gateway,
+        "/",
+        &[("host", "order"), ("x-device", "android")],
+    )
+    .unwrap();
+    assert_eq!(reply.header("x-steer-version"), Some("v1"));
+    assert_eq!(reply.header("x-steer-release"), Some("blue"));
+    let mut quiet = scenario.config.clone();
+    quiet.debug_headers = false;
+    scenario.apply(&quiet).unwrap();
+    let reply = http::get(
+        scenario.gateway,
+        "/",
+        &[("host", "order"), ("x-device", "android")],
+    )
+    .unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-steer-version"), None);
 }

@@ -140,12 +140,15 @@ async fn handle(
             }
         }
     }
-    let body = Full::new(Bytes::from(serde_json::to_vec(&hop).expect("hop serialises")));
+    let body = Full::new(Bytes::from(
+        serde_json::to_vec(&hop).expect("hop serialises"),
+    ));
     // `/trailers` answers like a gRPC server: the status comes in trailers after the body.
     let body = if req.uri().path() == "/trailers" {
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        body.with_trailers(async move { Some(Ok(trailers)) }).boxed()
+        body.with_trailers(async move { Some(Ok(trailers)) })
+            .boxed()
     } else {
         body.boxed()
     };
