@@ -116,6 +116,15 @@ impl Cli {
 }
 
 fn run_agent(options: crate::run::RunOptions) -> ExitCode {
+    // A signal mask is inherited across exec: make sure SIGTERM and SIGINT reach us, or the
+    // agent could never drain.
+    unsafe {
+        let mut signals: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut signals);
+        libc::sigaddset(&mut signals, libc::SIGTERM);
+        libc::sigaddset(&mut signals, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &signals, std::ptr::null_mut());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -143,6 +143,21 @@ pub fn sh(program: &str, args: &[&str]) -> Result<Output> {
     Ok(output)
 }
 
+/// Children start with no blocked signals: [`tear_down_on_signals`] blocks SIGINT and SIGTERM
+/// in its process, and a signal mask is inherited across exec (an agent that cannot see
+/// SIGTERM cannot drain).
+fn unblock_signals_in_child(command: &mut Command) {
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+}
+
 /// Feeds a script to `nft -f -`.
 fn nft(script: &str) -> Result<()> {
     use std::io::Write;
@@ -180,6 +195,7 @@ impl Process {
         if ready.is_some() {
             command.stdout(Stdio::piped());
         }
+        unblock_signals_in_child(command);
         let mut child = command
             .spawn()
             .with_context(|| format!("start {:?}", command.get_program()))?;
@@ -283,6 +299,7 @@ impl Pod {
         } else {
             wrapped.stdout(Stdio::null());
         }
+        unblock_signals_in_child(&mut wrapped);
         let procs = self.cgroup.join("cgroup.procs");
         // Join the pod's cgroup before `ip` execs the command, so every descendant is inside.
         unsafe {
