@@ -140,17 +140,6 @@ impl Matcher {
     }
 }
 
-impl fmt::Display for Matcher {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.kind() {
-            Ok(MatchKind::Exact(v)) => write!(f, "{}={v}", self.header),
-            Ok(MatchKind::Prefix(v)) => write!(f, "{}^={v}", self.header),
-            Ok(MatchKind::Regex(v)) => write!(f, "{}~/{v}/", self.header),
-            Err(_) => write!(f, "{}?", self.header),
-        }
-    }
-}
-
 /// A configuration file that could not be read or parsed (as opposed to one that parsed but
 /// breaks a rule, which the checker reports).
 #[derive(Debug)]
@@ -227,10 +216,6 @@ fn strip_location(message: &str) -> String {
 impl Service {
     pub fn primary(&self) -> Option<&Version> {
         self.versions.iter().find(|v| v.primary)
-    }
-
-    pub fn version(&self, name: &str) -> Option<&Version> {
-        self.versions.iter().find(|v| v.name == name)
     }
 }
 

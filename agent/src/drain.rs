@@ -42,10 +42,6 @@ impl Drain {
         // An error means the trigger is gone: treat that as a drain too.
         let _ = self.signal.wait_for(|draining| *draining).await;
     }
-
-    pub fn is_draining(&self) -> bool {
-        *self.signal.borrow()
-    }
 }
 
 impl DrainTrigger {

@@ -238,24 +238,6 @@ impl Ruleset {
     pub fn releases(&self) -> &[CompiledRelease] {
         &self.releases
     }
-
-    /// Lower-case names of every header some release looks at (matchers and hashBy): the tags
-    /// a proxy should carry along.
-    pub fn tag_headers(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self
-            .releases
-            .iter()
-            .flat_map(|r| {
-                r.conditions
-                    .iter()
-                    .map(Condition::header)
-                    .chain(r.share.as_ref().map(|s| s.hash_by.as_str()))
-            })
-            .collect();
-        names.sort_unstable();
-        names.dedup();
-        names
-    }
 }
 
 fn compile_release(release: &Release) -> Result<CompiledRelease> {

@@ -33,10 +33,6 @@ impl HeaderPairs {
         }
         Ok((name.to_ascii_lowercase(), value.trim().to_string()))
     }
-
-    pub fn pairs(&self) -> &[(String, String)] {
-        &self.0
-    }
 }
 
 impl Tags for HeaderPairs {
