@@ -407,7 +407,7 @@ async fn forward(
             proxy.metrics.upstream_error();
             return text_response(
                 StatusCode::BAD_GATEWAY,
-                format!("steer: {} failed: {err}", endpoint.address),
+                format!("steer: {} failed: {err:#}", endpoint.address),
             );
         }
         Err(_) => {

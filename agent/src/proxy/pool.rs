@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use hyper::{
     Request, Response,
     body::Incoming,
-    client::conn::{http1, http2},
+    client::conn::{TrySendError, http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -58,7 +58,28 @@ impl Pool {
             if let Some(sender) = existing {
                 return Ok(Upstream::Http2(sender));
             }
-            let io = TokioIo::new(connect(endpoint).await?);
+        } else {
+            loop {
+                let idle = self
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(&endpoint)
+                    .and_then(Vec::pop);
+                match idle {
+                    Some(sender) if sender.is_ready() => return Ok(Upstream::Http1(sender)),
+                    Some(_) => continue,
+                    None => break,
+                }
+            }
+        }
+        self.connect(endpoint, http2).await
+    }
+
+    /// A new connection (for HTTP/2, it becomes the endpoint's shared one).
+    async fn connect(&self, endpoint: SocketAddr, http2: bool) -> Result<Upstream> {
+        let io = TokioIo::new(connect(endpoint).await?);
+        if http2 {
             let (sender, connection) = http2::handshake(TokioExecutor::new(), io)
                 .await
                 .with_context(|| format!("HTTP/2 handshake with {endpoint}"))?;
@@ -73,20 +94,6 @@ impl Pool {
                 .insert(endpoint, sender.clone());
             return Ok(Upstream::Http2(sender));
         }
-        loop {
-            let idle = self
-                .idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_mut(&endpoint)
-                .and_then(Vec::pop);
-            match idle {
-                Some(sender) if sender.is_ready() => return Ok(Upstream::Http1(sender)),
-                Some(_) => continue,
-                None => break,
-            }
-        }
-        let io = TokioIo::new(connect(endpoint).await?);
         let (sender, connection) = http1::handshake(io)
             .await
             .with_context(|| format!("HTTP/1.1 handshake with {endpoint}"))?;
@@ -99,18 +106,41 @@ impl Pool {
         Ok(Upstream::Http1(sender))
     }
 
-    /// Sends the request; an HTTP/1.1 connection returns to the pool once the response has
-    /// been read to its end.
+    /// Sends the request. When a pooled connection turns out to be gone before the request
+    /// was written, it is sent once more on a fresh connection to the same endpoint. An
+    /// HTTP/1.1 connection returns to the pool once the response has been read to its end.
     pub async fn send(
         &self,
         endpoint: SocketAddr,
         upstream: Upstream,
         request: Request<Incoming>,
-    ) -> hyper::Result<Response<Incoming>> {
+    ) -> Result<Response<Incoming>> {
+        let http2 = matches!(upstream, Upstream::Http2(_));
+        match self.try_send(endpoint, upstream, request).await {
+            Ok(response) => Ok(response),
+            Err(mut err) => match err.take_message() {
+                Some(request) => {
+                    debug!(%endpoint, error = %err.error(), "stale pooled connection; reconnecting");
+                    let fresh = self.connect(endpoint, http2).await?;
+                    self.try_send(endpoint, fresh, request)
+                        .await
+                        .map_err(|e| e.into_error().into())
+                }
+                None => Err(err.into_error().into()),
+            },
+        }
+    }
+
+    async fn try_send(
+        &self,
+        endpoint: SocketAddr,
+        upstream: Upstream,
+        request: Request<Incoming>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Incoming>>> {
         match upstream {
-            Upstream::Http2(mut sender) => sender.send_request(request).await,
+            Upstream::Http2(mut sender) => sender.try_send_request(request).await,
             Upstream::Http1(mut sender) => {
-                let response = sender.send_request(request).await?;
+                let response = sender.try_send_request(request).await?;
                 let idle = self.idle.clone();
                 tokio::spawn(async move {
                     if sender.ready().await.is_ok() {
