@@ -6,7 +6,7 @@ use std::{fmt::Write as _, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
-    check::{self, Report},
+    check::{self, Report, render_example},
     config::Config,
     rules::HeaderPairs,
     state::Snapshot,
@@ -216,17 +216,6 @@ fn run_explain(
         }
     }
     ExitCode::SUCCESS
-}
-
-fn render_example(example: &std::collections::BTreeMap<String, String>) -> String {
-    if example.is_empty() {
-        return "any request".to_string();
-    }
-    example
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// The report for people: one aligned line per finding, then what to change.

@@ -78,6 +78,18 @@ impl Report {
     }
 }
 
+/// An example request as people read it: `x-device: android, x-region: atlantis`.
+pub fn render_example(example: &BTreeMap<String, String>) -> String {
+    if example.is_empty() {
+        return "any request".to_string();
+    }
+    example
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Checks a configuration. Never fails: every problem becomes a finding.
 pub fn check(config: &Config) -> Report {
     let mut report = Report::default();

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use super::{
     Finding, Overlap, Report, Shadowed,
     lang::{Atom, Cond, DfaCache, Lang, RequestBox, Witness, box_witness},
+    render_example,
 };
 use crate::{
     config::{Config, MatchKind, Release},
@@ -235,17 +236,6 @@ fn with_users(
     example
 }
 
-fn render(example: &BTreeMap<String, String>) -> String {
-    if example.is_empty() {
-        return "any request".to_string();
-    }
-    example
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Adds overlaps, equal-priority conflicts and shadowed releases to `report`.
 pub(super) fn analyse(config: &Config, report: &mut Report) {
     let mut candidates: Vec<Candidate> = config.releases.iter().filter_map(candidate).collect();
@@ -322,7 +312,7 @@ pub(super) fn analyse(config: &Config, report: &mut Report) {
                         "releases `{first}` and `{second}` both have priority {} and a request \
                          can match both (e.g. {{{}}}): give the narrower one the smaller number",
                         a.release.priority,
-                        render(&example)
+                        render_example(&example)
                     ),
                     releases: vec![first.clone(), second.clone()],
                 };
@@ -391,7 +381,7 @@ pub(super) fn analyse(config: &Config, report: &mut Report) {
                      number: narrower releases go first",
                     release.release.priority,
                     quoted(&by),
-                    render(&example)
+                    render_example(&example)
                 ),
                 releases: std::iter::once(name.clone()).chain(by.clone()).collect(),
             });
