@@ -370,3 +370,29 @@ fn debug_headers_can_be_turned_off() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-steer-version"), None);
 }
+
+#[test]
+fn gateway_routes_pick_the_first_service_by_host_and_path_prefix() {
+    let scenario = food_delivery();
+    let mut config = scenario.config.clone();
+    config.gateway = serde_yaml_ng::from_str(
+        "routes:\n  - { host: shop.example, pathPrefix: /track, service: delivery }\n  - { host: shop.example, service: order }\n",
+    )
+    .unwrap();
+    scenario.apply(&config).unwrap();
+    let served_by = |path: &str| {
+        let reply = http::get(
+            scenario.gateway,
+            path,
+            &[("host", "shop.example:80"), ("x-region", "atlantis")],
+        )
+        .unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        serde_json::from_str::<Hop>(&reply.body).unwrap().path()
+    };
+    assert_eq!(served_by("/track/42"), "delivery/v2-green");
+    assert_eq!(
+        served_by("/"),
+        "order/v1 -> restaurant/v1 -> delivery/v2-green"
+    );
+}
