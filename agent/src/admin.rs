@@ -25,6 +25,9 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Set once the listeners are up; cleared when draining.
     pub ready: AtomicBool,
+    /// Set once a configuration from the source is in force (at once for a file; after the
+    /// first complete list of the cluster's objects for Kubernetes).
+    pub synced: AtomicBool,
 }
 
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
@@ -95,7 +98,9 @@ fn route(admin: &Admin, request: Request<Incoming>) -> Response<Full<Bytes>> {
     const JSON: &str = "application/json";
     match request.uri().path() {
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
-        "/readyz" if admin.ready.load(Ordering::Relaxed) => {
+        "/readyz"
+            if admin.ready.load(Ordering::Relaxed) && admin.synced.load(Ordering::Relaxed) =>
+        {
             reply(StatusCode::OK, TEXT, "ready\n".into())
         }
         "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n".into()),

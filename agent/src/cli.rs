@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::{
     check::{self, Report, render_example},
     config::Config,
+    kubernetes::KubernetesOptions,
     rules::HeaderPairs,
+    run::Source,
     state::Snapshot,
 };
 
@@ -28,8 +30,25 @@ enum Command {
     /// Run the node agent: the eBPF datapath, the proxy, the admin server.
     Run {
         /// The configuration file; valid edits apply live.
+        #[arg(
+            long,
+            required_unless_present = "kubernetes",
+            conflicts_with = "kubernetes"
+        )]
+        config: Option<PathBuf>,
+        /// Read the configuration from the cluster: CanaryReleases, annotated Services, their
+        /// EndpointSlices and pods (in-cluster credentials, else the kubeconfig).
         #[arg(long)]
-        config: PathBuf,
+        kubernetes: bool,
+        /// With --kubernetes: the pod label whose value is the version.
+        #[arg(long, default_value = "version")]
+        version_label: String,
+        /// With --kubernetes: this agent's name in the status writer election.
+        #[arg(long, env = "NODE_NAME", default_value = "steer")]
+        node_name: String,
+        /// With --kubernetes: the namespace of the election's Lease (the agent's own).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "steer-system")]
+        lease_namespace: String,
         /// Where redirected pod connections arrive (an IPv4 address of the node).
         #[arg(long)]
         listen: std::net::SocketAddr,
@@ -52,6 +71,8 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         drain_grace: u64,
     },
+    /// Print the CanaryRelease CustomResourceDefinition (what deploy/crd.yaml holds).
+    Crd,
     /// Check a configuration: conflicts, shadowed releases, overlaps.
     Check {
         #[arg(long)]
@@ -87,6 +108,10 @@ impl Cli {
         match self.command {
             Command::Run {
                 config,
+                kubernetes,
+                version_label,
+                node_name,
+                lease_namespace,
                 listen,
                 listen6,
                 admin,
@@ -95,7 +120,14 @@ impl Cli {
                 no_ebpf,
                 drain_grace,
             } => run_agent(crate::run::RunOptions {
-                config,
+                source: match config {
+                    Some(path) if !kubernetes => Source::File(path),
+                    _ => Source::Kubernetes(KubernetesOptions {
+                        version_label,
+                        identity: node_name,
+                        lease_namespace,
+                    }),
+                },
                 listen,
                 listen6,
                 admin,
@@ -104,6 +136,10 @@ impl Cli {
                 no_ebpf,
                 drain_grace: std::time::Duration::from_secs(drain_grace),
             }),
+            Command::Crd => {
+                print!("{}", crate::kubernetes::crd::crd_yaml());
+                ExitCode::SUCCESS
+            }
             Command::Check { config, format } => run_check(&config, format),
             Command::Explain {
                 config,

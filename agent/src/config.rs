@@ -1,10 +1,11 @@
 //! The configuration model: services with their versions and endpoints, and canary releases.
 //!
-//! The same structs are the YAML file format and (later) the Kubernetes resource specs, so field
-//! names are camelCase and unknown fields are rejected: a typo must not silently drop a rule.
+//! The YAML file format. Its matchers are also the Kubernetes resource's (`kubernetes::crd`), so
+//! field names are camelCase and unknown fields are rejected: a typo must not silently drop a rule.
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Everything the agent needs to route: the mesh services and the canary releases over them.
@@ -99,10 +100,17 @@ pub struct Release {
 }
 
 /// One condition on a request header. Exactly one of `exact`, `prefix`, `regex` is set;
-/// with none of them the matcher is rejected by the checker.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// with none of them the matcher is rejected by the checker (and, as a resource, by the API
+/// server's validation rule).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.exact), has(self.prefix), has(self.regex)].filter(x, x).size() == 1",
+    "message": "set exactly one of exact, prefix, regex"
+}]))]
 pub struct Matcher {
+    /// The request header (case-insensitive).
+    #[schemars(length(min = 1))]
     pub header: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exact: Option<String>,

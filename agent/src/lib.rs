@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod drain;
+pub mod kubernetes;
 pub mod metrics;
 pub mod proxy;
 pub mod rules;

@@ -5,7 +5,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
@@ -19,6 +19,7 @@ use crate::{
     config::Config,
     datapath::{Datapath, DatapathOptions},
     drain,
+    kubernetes::{self, KubernetesOptions},
     metrics::Metrics,
     proxy::{self, Listener, OriginalDestination, Pool, Proxy},
     state::Snapshot,
@@ -27,9 +28,18 @@ use crate::{
 /// How often the configuration file is looked at: edits apply well within 100 ms.
 const WATCH_INTERVAL: Duration = Duration::from_millis(25);
 
+/// Where the configuration comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A YAML file, watched: valid edits apply live.
+    File(PathBuf),
+    /// The cluster's CanaryReleases, Services, EndpointSlices and pods.
+    Kubernetes(KubernetesOptions),
+}
+
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    pub config: PathBuf,
+    pub source: Source,
     pub listen: SocketAddr,
     pub listen6: Option<SocketAddr>,
     pub admin: SocketAddr,
@@ -41,14 +51,47 @@ pub struct RunOptions {
     pub drain_grace: Duration,
 }
 
-fn load(path: &Path, previous: Option<&Snapshot>) -> Result<Snapshot> {
-    let config = Config::load(path)?;
-    let (snapshot, report) =
-        Snapshot::build_after(config, previous).with_context(|| path.display().to_string())?;
-    for warning in &report.warnings {
-        warn!(code = warning.code, "{}", warning.message);
+/// Puts configurations in force: the datapath's service map first, then the snapshot, so a
+/// configuration the datapath cannot take is not half applied.
+#[derive(Clone)]
+struct Applier {
+    state: Arc<ArcSwap<Snapshot>>,
+    datapath: Arc<Mutex<Option<Datapath>>>,
+    metrics: Arc<Metrics>,
+    admin: Arc<Admin>,
+}
+
+impl Applier {
+    fn apply(&self, config: Config, origin: &str) -> Result<()> {
+        let result = self.try_apply(config, origin);
+        self.metrics.reload(result.is_ok());
+        if result.is_ok() {
+            self.admin.synced.store(true, Ordering::Relaxed);
+        }
+        result
     }
-    Ok(snapshot)
+
+    fn try_apply(&self, config: Config, origin: &str) -> Result<()> {
+        let previous = self.state.load_full();
+        let (snapshot, report) =
+            Snapshot::build_after(config, Some(&previous)).with_context(|| origin.to_string())?;
+        for warning in &report.warnings {
+            warn!(code = warning.code, "{}", warning.message);
+        }
+        if let Some(datapath) = self
+            .datapath
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            datapath
+                .set_services(&snapshot.service_addresses())
+                .context("cannot update the datapath")?;
+        }
+        self.state.store(Arc::new(snapshot));
+        info!(source = origin, "configuration applied");
+        Ok(())
+    }
 }
 
 async fn bind(address: SocketAddr, what: &str) -> Result<TcpListener> {
@@ -64,7 +107,22 @@ fn stamp_of(path: &Path) -> Option<(SystemTime, u64)> {
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
-    let snapshot = load(&options.config, None)?;
+    // The file must be valid to start; the cluster's objects arrive once the agent runs.
+    let (snapshot, kubernetes) = match &options.source {
+        Source::File(path) => {
+            let config = Config::load(path)?;
+            let (snapshot, _) =
+                Snapshot::build(config).with_context(|| path.display().to_string())?;
+            (snapshot, None)
+        }
+        Source::Kubernetes(_) => {
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot reach the Kubernetes API (no in-cluster config, no kubeconfig)")?;
+            let (snapshot, _) = Snapshot::build(Config::default()).expect("empty is valid");
+            (snapshot, Some(client))
+        }
+    };
     let listener = bind(options.listen, "--listen").await?;
     let listener6 = match options.listen6 {
         Some(address) => Some(bind(address, "--listen6").await?),
@@ -103,8 +161,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let originals = datapath
         .as_ref()
         .map(|d| Arc::new(d.original_destinations()) as Arc<dyn OriginalDestination>);
-    // Shared by the file watcher (service updates) and shutdown (detach first).
-    let datapath = Arc::new(std::sync::Mutex::new(datapath.take()));
+    // Shared by the source (service updates) and shutdown (detach first).
+    let datapath = Arc::new(Mutex::new(datapath.take()));
 
     let state = Arc::new(ArcSwap::from_pointee(snapshot));
     let metrics = Arc::new(Metrics::default());
@@ -118,7 +176,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
         state: state.clone(),
         metrics: metrics.clone(),
         ready: false.into(),
+        synced: kubernetes.is_none().into(),
     });
+    let applier = Applier {
+        state: state.clone(),
+        datapath: datapath.clone(),
+        metrics: metrics.clone(),
+        admin: admin.clone(),
+    };
     tokio::spawn(admin::serve(admin.clone(), admin_listener));
 
     let (trigger, drain) = drain::channel();
@@ -146,47 +211,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     drop(drain);
 
-    // Watch the configuration file: apply valid edits, keep serving on invalid ones.
-    let watcher = {
-        let path = options.config.clone();
-        let state = state.clone();
-        let metrics = metrics.clone();
-        let datapath = datapath.clone();
-        tokio::spawn(async move {
-            let mut seen = stamp_of(&path);
-            loop {
-                tokio::time::sleep(WATCH_INTERVAL).await;
-                let now = stamp_of(&path);
-                if now == seen || now.is_none() {
-                    continue;
-                }
-                seen = now;
-                let previous = state.load_full();
-                match load(&path, Some(&previous)) {
-                    Ok(snapshot) => {
-                        let updated =
-                            match datapath.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                                Some(datapath) => {
-                                    datapath.set_services(&snapshot.service_addresses())
-                                }
-                                None => Ok(()),
-                            };
-                        if let Err(err) = updated {
-                            error!(error = %format!("{err:#}"), "cannot update the datapath; keeping the previous configuration");
-                            metrics.reload(false);
-                            continue;
-                        }
-                        state.store(Arc::new(snapshot));
-                        metrics.reload(true);
-                        info!(config = %path.display(), "configuration applied");
-                    }
-                    Err(err) => {
-                        metrics.reload(false);
-                        error!(error = %format!("{err:#}"), "configuration rejected; the previous one keeps serving");
-                    }
-                }
-            }
-        })
+    let source = match (&options.source, kubernetes) {
+        (Source::File(path), _) => tokio::spawn(watch_file(path.clone(), applier)),
+        (Source::Kubernetes(kube_options), Some(client)) => {
+            let apply: kubernetes::Apply =
+                Box::new(move |config| applier.apply(config, "kubernetes"));
+            tokio::spawn(kubernetes::run(client, kube_options.clone(), apply))
+        }
+        (Source::Kubernetes(_), None) => unreachable!("the client was made above"),
     };
 
     admin.ready.store(true, Ordering::Relaxed);
@@ -205,10 +237,31 @@ pub async fn run(options: RunOptions) -> Result<()> {
     for listener in listeners {
         let _ = listener.await;
     }
-    watcher.abort();
+    source.abort();
     if !finished {
         warn!(grace = ?options.drain_grace, "connections still open after the grace period");
     }
     info!("stopped");
     Ok(())
+}
+
+/// Applies valid edits of the configuration file; an invalid edit is logged and the previous
+/// configuration keeps serving.
+async fn watch_file(path: PathBuf, applier: Applier) {
+    let origin = path.display().to_string();
+    let mut seen = stamp_of(&path);
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let now = stamp_of(&path);
+        if now == seen || now.is_none() {
+            continue;
+        }
+        seen = now;
+        let applied = Config::load(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|config| applier.apply(config, &origin));
+        if let Err(err) = applied {
+            error!(error = %format!("{err:#}"), "configuration rejected; the previous one keeps serving");
+        }
+    }
 }

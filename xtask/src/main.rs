@@ -2,7 +2,6 @@
 //! is the README's test command and what `.ci/run` runs.
 
 mod bench;
-mod demo;
 
 use std::{path::PathBuf, process::Command, time::SystemTime};
 
@@ -56,7 +55,6 @@ fn main() -> Result<()> {
             demo(None)
         }
         Task::Demo { scenario } => {
-            steer_tests::node::tear_down_on_signals()?;
             setup()?;
             demo(scenario.as_deref())
         }
@@ -80,19 +78,11 @@ fn main() -> Result<()> {
 /// Builds the agent, the demo service and the test bed's tools, then runs the scenarios.
 fn demo(only: Option<&str>) -> Result<()> {
     cargo(&["build", "--package", "steer", "--package", "steer-tests"])?;
-    let steer = workspace_root().join("target/debug/steer");
-    let chosen: Vec<&demo::Demo> = demo::DEMOS
-        .iter()
-        .filter(|d| only.is_none_or(|name| name == d.name))
-        .collect();
-    if chosen.is_empty() {
-        bail!("unknown scenario {only:?}: food-delivery, order-email or abz");
+    let mut command = Command::new(workspace_root().join("target/debug/steer-demo"));
+    if let Some(scenario) = only {
+        command.args(["--scenario", scenario]);
     }
-    for scenario in chosen {
-        demo::run(&workspace_root(), &steer, scenario)?;
-    }
-    println!("\ndemo: every path matched `steer explain`");
-    Ok(())
+    run(&mut command)
 }
 
 fn workspace_root() -> PathBuf {

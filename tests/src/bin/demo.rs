@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: the seed's case studies live on a simulated node.
+//! `steer-demo` (run by `cargo xtask demo`): the seed's case studies live on a simulated node.
 //!
 //! For each scenario it deploys a pod per service version (the demo service), starts the real
 //! `steer run` agent with the fixture's rules (eBPF redirect + node proxy), sends requests
@@ -7,9 +7,14 @@
 //! delivery scenario then edits the rules live. Everything is removed afterwards, also on
 //! Ctrl-C; a wrong path fails the demo.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
+use clap::Parser;
 use steer::{config::Config, rules::HeaderPairs, state::Snapshot};
 use steer_tests::{
     Node,
@@ -17,23 +22,23 @@ use steer_tests::{
 };
 
 /// One of the seed's case studies.
-pub struct Demo {
-    pub name: &'static str,
-    pub title: &'static str,
-    pub file: &'static str,
+struct Demo {
+    name: &'static str,
+    title: &'static str,
+    file: &'static str,
     /// Who calls whom; requests enter at each `entries` service.
-    pub calls: &'static [(&'static str, &'static [&'static str])],
-    pub entries: &'static [&'static str],
-    pub tags: &'static [&'static [(&'static str, &'static str)]],
+    calls: &'static [(&'static str, &'static [&'static str])],
+    entries: &'static [&'static str],
+    tags: &'static [&'static [(&'static str, &'static str)]],
     /// A misconfigured variant: shown rejected by the checker and by the running agent.
-    pub broken: &'static str,
+    broken: &'static str,
 }
 
 const ANDROID: (&str, &str) = ("x-device", "android");
 const IPHONE: (&str, &str) = ("x-device", "iphone");
 const ATLANTIS: (&str, &str) = ("x-region", "atlantis");
 
-pub const DEMOS: [Demo; 3] = [
+const DEMOS: [Demo; 3] = [
     Demo {
         name: "food-delivery",
         title: "Seed section 5: food delivery, three overlapping canaries",
@@ -147,7 +152,7 @@ fn edit(scenario: &Scenario, text: &str) -> Result<Config> {
     Ok(Config::from_yaml(text, "edit")?)
 }
 
-pub fn run(root: &Path, steer: &Path, demo: &Demo) -> Result<()> {
+fn run(root: &Path, steer: &Path, demo: &Demo) -> Result<()> {
     let examples = root.join("deploy/examples");
     println!("\n=== {} ===\n", demo.title);
     check(steer, &examples.join(demo.file))?;
@@ -191,5 +196,40 @@ pub fn run(root: &Path, steer: &Path, demo: &Demo) -> Result<()> {
         println!("\n  Restored:");
         table(&scenario, demo, &restored)?;
     }
+    Ok(())
+}
+
+#[derive(Parser)]
+#[command(about = "The seed's case studies on a simulated node, checked against `steer explain`")]
+struct Args {
+    /// Run only this scenario: food-delivery, order-email or abz.
+    #[arg(long)]
+    scenario: Option<String>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    steer_tests::node::tear_down_on_signals()?;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf();
+    // Built together with this binary by `cargo xtask demo`.
+    let steer = std::env::current_exe()?
+        .parent()
+        .context("the demo binary has a directory")?
+        .join("steer");
+    let only = args.scenario.as_deref();
+    let chosen: Vec<&Demo> = DEMOS
+        .iter()
+        .filter(|d| only.is_none_or(|name| name == d.name))
+        .collect();
+    if chosen.is_empty() {
+        bail!("unknown scenario {only:?}: food-delivery, order-email or abz");
+    }
+    for scenario in chosen {
+        run(&root, &steer, scenario)?;
+    }
+    println!("\ndemo: every path matched `steer explain`");
     Ok(())
 }

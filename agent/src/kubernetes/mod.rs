@@ -1,0 +1,203 @@
+//! The Kubernetes source (`steer run --kubernetes`): watches CanaryReleases, Services,
+//! EndpointSlices and the pods' labels, builds the same configuration the file source reads,
+//! and writes each CanaryRelease's verdict to its status (one writer per cluster, by lease).
+//!
+//! Watches re-list and reconnect with backoff after API errors; until the first complete list
+//! of everything nothing is applied, and afterwards the last good configuration keeps serving
+//! whatever the API server does.
+
+pub mod crd;
+pub mod leader;
+pub mod status;
+pub mod translate;
+
+use std::{
+    fmt::Debug,
+    hash::Hash,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::Result;
+use futures::{Stream, StreamExt};
+use k8s_openapi::{
+    api::{core::v1::Pod, core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    core::PartialObjectMeta,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store, store::Writer},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+use self::{
+    crd::CanaryRelease,
+    leader::Elector,
+    status::desired_status,
+    translate::{Cluster, Verdict, release_key, translate},
+};
+use crate::config::Config;
+
+/// A burst of events (a rollout, a re-list) becomes one rebuild.
+const SETTLE: Duration = Duration::from_millis(50);
+
+#[derive(Clone, Debug)]
+pub struct KubernetesOptions {
+    /// The pod label whose value is the version (a Service's annotation may override it).
+    pub version_label: String,
+    /// This agent's name in the status writer election (the node's name).
+    pub identity: String,
+    /// Where the election's Lease lives (the agent's own namespace).
+    pub lease_namespace: String,
+}
+
+/// Puts a built configuration in force; an error keeps the previous one serving.
+pub type Apply = Box<dyn Fn(Config) -> Result<()> + Send + Sync>;
+
+/// Runs the source for as long as the agent runs.
+pub async fn run(client: Client, options: KubernetesOptions, apply: Apply) {
+    let changed = Arc::new(Notify::new());
+    let releases = watch(
+        watcher(
+            Api::<CanaryRelease>::all(client.clone()),
+            Default::default(),
+        ),
+        &changed,
+    );
+    let services = watch(
+        watcher(Api::<Service>::all(client.clone()), Default::default()),
+        &changed,
+    );
+    let slices = watch(
+        watcher(
+            Api::<EndpointSlice>::all(client.clone()),
+            Default::default(),
+        ),
+        &changed,
+    );
+    // Only the pods' labels matter: metadata is a fraction of a pod's size.
+    let pods = watch(
+        watcher(
+            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+            Default::default(),
+        ),
+        &changed,
+    );
+    let elector = Elector::new(
+        client.clone(),
+        &options.lease_namespace,
+        options.identity.clone(),
+        changed.clone(),
+    );
+    let leading = elector.leading.clone();
+    tokio::spawn(elector.run());
+
+    let synced = async {
+        releases.wait_until_ready().await?;
+        services.wait_until_ready().await?;
+        slices.wait_until_ready().await?;
+        pods.wait_until_ready().await
+    };
+    if synced.await.is_err() {
+        error!("a watch ended before its first list");
+        return;
+    }
+    info!("the cluster's objects are listed");
+    loop {
+        let current = releases.state();
+        let cluster = Cluster {
+            releases: current.iter().map(|r| (**r).clone()).collect(),
+            services: services.state().iter().map(|s| (**s).clone()).collect(),
+            slices: slices.state().iter().map(|s| (**s).clone()).collect(),
+            pods: pods
+                .state()
+                .iter()
+                .map(|p| {
+                    let key = (p.namespace().unwrap_or_default(), p.name_any());
+                    (key, p.labels().clone())
+                })
+                .collect(),
+        };
+        match translate(&cluster, &options.version_label) {
+            Ok(translation) => {
+                if let Err(err) = apply(translation.config) {
+                    error!(error = %format!("{err:#}"), "cluster configuration not applied; the previous one keeps serving");
+                }
+                if leading.load(Ordering::Relaxed) {
+                    write_statuses(&client, &current, &translation.verdicts).await;
+                }
+            }
+            Err(err) => {
+                error!(error = %format!("{err:#}"), "cluster configuration rejected; the previous one keeps serving");
+            }
+        }
+        changed.notified().await;
+        tokio::time::sleep(SETTLE).await;
+    }
+}
+
+/// Keeps a store of one kind of object in step with the API server and wakes the rebuild on
+/// every change.
+fn watch<K, S>(stream: S, changed: &Arc<Notify>) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    S: Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+{
+    let (store, writer): (Store<K>, Writer<K>) = reflector::store();
+    let kind = K::kind(&K::DynamicType::default()).to_string();
+    let changed = changed.clone();
+    let events = stream.default_backoff().reflect(writer);
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(events);
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(err) => warn!(%kind, error = %err, "watch failed; retrying with backoff"),
+            }
+        }
+    });
+    store
+}
+
+/// Writes the verdicts whose status differs from what the release carries.
+async fn write_statuses(
+    client: &Client,
+    releases: &[Arc<CanaryRelease>],
+    verdicts: &std::collections::BTreeMap<String, Verdict>,
+) {
+    // The API keeps seconds: writing more would make every comparison a difference.
+    let now = Time(jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).expect("now"));
+    for release in releases {
+        let namespace = release.namespace().unwrap_or_default();
+        let name = release.name_any();
+        let Some(verdict) = verdicts.get(&release_key(&namespace, &name)) else {
+            continue;
+        };
+        let status = desired_status(release, verdict, now.clone());
+        if release.status.as_ref() == Some(&status) {
+            continue;
+        }
+        let api: Api<CanaryRelease> = Api::namespaced(client.clone(), &namespace);
+        let patch = Patch::Merge(serde_json::json!({ "status": status }));
+        match api
+            .patch_status(&name, &PatchParams::default(), &patch)
+            .await
+        {
+            Ok(_) => {
+                info!(release = %release_key(&namespace, &name), state = verdict.state.as_str(), "status written")
+            }
+            Err(err) => {
+                warn!(release = %release_key(&namespace, &name), error = %err, "cannot write status")
+            }
+        }
+    }
+}
