@@ -6,6 +6,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -13,7 +14,11 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use steer::config::Config;
 
-use crate::{Node, Process, http};
+use crate::{
+    Node, Process,
+    apiserver::{ApiServer, kubeconfig as kubeconfig_for, objects_from_config},
+    http,
+};
 
 pub const PROXY_PORT: u16 = 15001;
 pub const GATEWAY_PORT: u16 = 15080;
@@ -69,12 +74,27 @@ pub struct Scenario {
     /// The steer agent (declared first: it goes before the bed it is attached to).
     pub agent: Option<Process>,
     workload: Vec<Process>,
+    /// Set when the agent reads the cluster (`--kubernetes`) instead of the file.
+    pub kubernetes: Option<Cluster>,
     pub config_path: PathBuf,
     pub config: Config,
     pub gateway: SocketAddr,
     pub admin: SocketAddr,
     pub node: Node,
     _dir: TempDir,
+}
+
+/// The API server a `--kubernetes` agent reads, holding the fixture as cluster objects in
+/// namespace [`Cluster::NAMESPACE`]; services are then named `name.namespace`.
+pub struct Cluster {
+    pub server: Arc<ApiServer>,
+    kubeconfig: PathBuf,
+    /// Runs the API server; dropped after the agent.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Cluster {
+    pub const NAMESPACE: &str = "demo";
 }
 
 /// A directory removed on drop.
@@ -109,6 +129,7 @@ impl Scenario {
         let mut scenario = Scenario {
             agent: None,
             workload: Vec::new(),
+            kubernetes: None,
             config_path,
             config,
             gateway: SocketAddr::from((node.address, GATEWAY_PORT)),
@@ -120,6 +141,54 @@ impl Scenario {
         scenario.start_agent()?;
         scenario.wait_for_workload(calls)?;
         Ok(scenario)
+    }
+
+    /// Like `deploy`, but the agent runs with `--kubernetes` against an API server that holds
+    /// the fixture as Services, EndpointSlices, Pods and CanaryReleases.
+    pub fn deploy_kubernetes(
+        fixture: &Path,
+        calls: &[(&str, &[&str])],
+        node: Node,
+    ) -> Result<Scenario> {
+        let text = remap(&std::fs::read_to_string(fixture)?, &node);
+        let config = Config::from_yaml(&text, &fixture.display().to_string())?;
+        let runtime = tokio::runtime::Runtime::new()?;
+        let server = runtime.block_on(ApiServer::start(objects_from_config(
+            &config,
+            Cluster::NAMESPACE,
+        )));
+        let dir = std::env::temp_dir().join(format!("steer-{}", node.name));
+        std::fs::create_dir_all(&dir)?;
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_for(server.address))?;
+        let cluster = Cluster {
+            server,
+            kubeconfig,
+            _runtime: runtime,
+        };
+        let mut scenario = Scenario {
+            agent: None,
+            workload: Vec::new(),
+            kubernetes: Some(cluster),
+            config_path: dir.join("unused.yaml"),
+            config,
+            gateway: SocketAddr::from((node.address, GATEWAY_PORT)),
+            admin: SocketAddr::from((node.address, ADMIN_PORT)),
+            node,
+            _dir: TempDir(dir),
+        };
+        scenario.start_workload(calls)?;
+        scenario.start_agent()?;
+        scenario.wait_for_workload(calls)?;
+        Ok(scenario)
+    }
+
+    /// The name the agent knows a fixture's service by.
+    pub fn mesh_name(&self, service: &str) -> String {
+        match &self.kubernetes {
+            Some(_) => format!("{service}.{}", Cluster::NAMESPACE),
+            None => service.to_string(),
+        }
     }
 
     fn service_address(&self, name: &str) -> Result<SocketAddr> {
@@ -173,9 +242,14 @@ impl Scenario {
         self.agent = None;
         let steer = binary("steer")?;
         let mut command = Command::new(steer);
+        command.arg("run");
+        match &self.kubernetes {
+            Some(cluster) => command
+                .args(["--kubernetes", "--node-name", &self.node.name])
+                .env("KUBECONFIG", &cluster.kubeconfig),
+            None => command.args(["--config", &self.config_path.display().to_string()]),
+        };
         command
-            .arg("run")
-            .args(["--config", &self.config_path.display().to_string()])
             .args([
                 "--listen",
                 &SocketAddr::from((self.node.address, PROXY_PORT)).to_string(),
@@ -249,7 +323,8 @@ impl Scenario {
 
     /// A request through the gateway to `service` with the given tag headers: the path taken.
     pub fn request(&self, service: &str, tags: &[(&str, &str)]) -> Result<Hop> {
-        let mut headers = vec![("host", service)];
+        let host = self.mesh_name(service);
+        let mut headers = vec![("host", host.as_str())];
         headers.extend_from_slice(tags);
         let reply = http::get(self.gateway, "/", &headers)?;
         if reply.status != 200 {

@@ -191,10 +191,15 @@ fn service_from_request(
     if let Ok(address) = host.parse::<SocketAddr>() {
         return snapshot.service_at(address).map(str::to_string);
     }
-    let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
-    // `restaurant` or `restaurant.<namespace>...`: the first label names the service.
-    let name = name.split('.').next().unwrap_or(name);
-    snapshot.has_service(name).then(|| name.to_string())
+    let mut name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    // The longest leading part that names a service: `restaurant.food.svc.cluster.local` is
+    // `restaurant.food` on Kubernetes and `restaurant` in a file.
+    loop {
+        if snapshot.has_service(name) {
+            return Some(name.to_string());
+        }
+        name = name.rsplit_once('.')?.0;
+    }
 }
 
 /// Power of two choices on in-flight requests: cheap, and it steers away from slow pods.

@@ -1,13 +1,14 @@
-//! The Kubernetes source against a local API server speaking the real wire format (lists,
-//! chunked watch streams, `410 Gone`, merge patches of the status subresource, Leases), through
-//! the real kube client: adds, modifies, deletes, re-lists, API errors, and the status verdicts.
+//! A small Kubernetes API server for tests: what a test puts in, the kube client's watchers
+//! get, in the API's wire format (lists, chunked watch streams, `410 Gone` when the history a
+//! watch resumes from is gone, merge patches of the status subresource, Leases with optimistic
+//! concurrency), plus outages on demand. And [`objects_from_config`]: a file-format
+//! configuration as the cluster objects that express it.
 
 use std::{
     collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use bytes::Bytes;
@@ -15,20 +16,15 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::{body::Frame, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 use serde_json::{Value, json};
-use steer::{
-    config::Config,
-    kubernetes::{self, KubernetesOptions},
-};
+use steer::config::Config;
 use tokio::{net::TcpListener, sync::broadcast};
 
-const FIXTURE: &str = include_str!("fixtures/cluster-food-delivery.yaml");
-const RELEASES: &str = "/apis/steer.dev/v1alpha1/canaryreleases";
-const SERVICES: &str = "/api/v1/services";
-const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
-const PODS: &str = "/api/v1/pods";
-const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/steer-system/leases";
+pub const RELEASES: &str = "/apis/steer.dev/v1alpha1/canaryreleases";
+pub const SERVICES: &str = "/api/v1/services";
+pub const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+pub const PODS: &str = "/api/v1/pods";
+pub const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/steer-system/leases";
 
 /// The collection (list/watch path) an object of this kind belongs to.
 fn collection(kind: &str) -> &'static str {
@@ -41,16 +37,16 @@ fn collection(kind: &str) -> &'static str {
     }
 }
 
-type Key = (String, String);
+pub type Key = (String, String);
 
 #[derive(Default)]
-struct State {
-    resource_version: u64,
+pub struct State {
+    pub resource_version: u64,
     /// Collection -> (namespace, name) -> object.
-    objects: BTreeMap<&'static str, BTreeMap<Key, Value>>,
+    pub objects: BTreeMap<&'static str, BTreeMap<Key, Value>>,
     /// Collection -> the events so far, by resource version, for watches that resume.
     history: BTreeMap<&'static str, Vec<(u64, Value)>>,
-    lease: Option<Value>,
+    pub lease: Option<Value>,
     /// Status patches received: (namespace/name, status).
     patches: Vec<(String, Value)>,
     /// When set, every request fails with 500 and open watches end.
@@ -58,14 +54,14 @@ struct State {
 }
 
 /// A little API server: what the test puts in, the watchers get, in the API's wire format.
-struct ApiServer {
-    state: Mutex<State>,
+pub struct ApiServer {
+    pub state: Mutex<State>,
     /// (collection, watch event); `None` collection: every watch ends (outage, 410).
     events: broadcast::Sender<(Option<&'static str>, Value)>,
-    address: SocketAddr,
+    pub address: SocketAddr,
 }
 
-fn key_of(object: &Value) -> Key {
+pub fn key_of(object: &Value) -> Key {
     let metadata = &object["metadata"];
     (
         metadata["namespace"]
@@ -82,7 +78,7 @@ fn as_metadata(object: &Value) -> Value {
 }
 
 impl ApiServer {
-    async fn start(objects: Vec<Value>) -> Arc<ApiServer> {
+    pub async fn start(objects: Vec<Value>) -> Arc<ApiServer> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server = Arc::new(ApiServer {
             state: Mutex::default(),
@@ -111,13 +107,13 @@ impl ApiServer {
         server
     }
 
-    fn client(&self) -> kube::Client {
+    pub fn client(&self) -> kube::Client {
         let config = kube::Config::new(format!("http://{}", self.address).parse().unwrap());
         kube::Client::try_from(config).unwrap()
     }
 
     /// Adds or replaces an object, as a controller or a user would.
-    fn put(&self, mut object: Value) {
+    pub fn put(&self, mut object: Value) {
         let mut state = self.state.lock().unwrap();
         state.resource_version += 1;
         let version = state.resource_version;
@@ -136,7 +132,7 @@ impl ApiServer {
         self.record(&mut state, collection, version, kind, object);
     }
 
-    fn delete(&self, kind: &str, namespace: &str, name: &str) {
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) {
         let mut state = self.state.lock().unwrap();
         state.resource_version += 1;
         let version = state.resource_version;
@@ -174,7 +170,7 @@ impl ApiServer {
     }
 
     /// Ends every watch with `410 Gone` and forgets the history: the watchers must list again.
-    fn expire_watches(&self) {
+    pub fn expire_watches(&self) {
         let mut state = self.state.lock().unwrap();
         state.history.clear();
         let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
@@ -184,7 +180,7 @@ impl ApiServer {
     }
 
     /// Changes an object without any watch seeing it: only a re-list can tell.
-    fn put_unseen(&self, object: Value) {
+    pub fn put_unseen(&self, object: Value) {
         let mut state = self.state.lock().unwrap();
         state.resource_version += 1;
         let collection = collection(object["kind"].as_str().unwrap());
@@ -195,14 +191,14 @@ impl ApiServer {
             .insert(key_of(&object), object);
     }
 
-    fn set_outage(&self, outage: bool) {
+    pub fn set_outage(&self, outage: bool) {
         self.state.lock().unwrap().outage = outage;
         if outage {
             let _ = self.events.send((None, Value::Null));
         }
     }
 
-    fn patches(&self) -> Vec<(String, Value)> {
+    pub fn patches(&self) -> Vec<(String, Value)> {
         self.state.lock().unwrap().patches.clone()
     }
 
@@ -402,259 +398,78 @@ fn status(code: StatusCode, message: &str) -> Response<BoxBody<Bytes, Infallible
     )
 }
 
-fn fixture() -> Vec<Value> {
-    serde_yaml_ng::Deserializer::from_str(FIXTURE)
-        .map(|document| Value::deserialize(document).unwrap())
-        .collect()
-}
-
-fn object(objects: &[Value], kind: &str, name: &str) -> Value {
-    objects
-        .iter()
-        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind} {name}"))
-        .clone()
-}
-
-/// The configurations the source applies, as they come.
-struct Applied(tokio::sync::mpsc::UnboundedReceiver<Config>);
-
-impl Applied {
-    /// Waits for an applied configuration that satisfies `test`.
-    async fn until(&mut self, what: &str, test: impl Fn(&Config) -> bool) -> Config {
-        let wait = async {
-            loop {
-                let config = self.0.recv().await.expect("the source stopped");
-                if test(&config) {
-                    return config;
-                }
-            }
+/// `config` as the objects a cluster would hold in `namespace`: per service an annotated Service
+/// (its first address), an EndpointSlice and a Pod per endpoint labelled with its version; per
+/// release a CanaryRelease, created in the file's order (so the first is the oldest).
+pub fn objects_from_config(config: &Config, namespace: &str) -> Vec<Value> {
+    let mut objects = Vec::new();
+    for service in &config.services {
+        let (Some(address), Some(primary)) = (service.addresses.first(), service.primary()) else {
+            continue;
         };
-        tokio::time::timeout(Duration::from_secs(20), wait)
-            .await
-            .unwrap_or_else(|_| panic!("no configuration where {what}"))
-    }
-}
-
-fn start_source(server: &ApiServer) -> (Applied, tokio::task::JoinHandle<()>) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("steer=debug"))
-        .with_test_writer()
-        .try_init();
-    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
-    let options = KubernetesOptions {
-        version_label: "version".into(),
-        identity: "node-1".into(),
-        lease_namespace: "steer-system".into(),
-    };
-    let apply: kubernetes::Apply = Box::new(move |config| {
-        let _ = sender.send(config);
-        Ok(())
-    });
-    let task = tokio::spawn(kubernetes::run(server.client(), options, apply));
-    (Applied(receiver), task)
-}
-
-fn release_names(config: &Config) -> Vec<&str> {
-    let mut names: Vec<&str> = config.releases.iter().map(|r| r.name.as_str()).collect();
-    names.sort();
-    names
-}
-
-async fn wait_for_status(server: &ApiServer, release: &str, state: &str) -> Value {
-    for _ in 0..200 {
-        let found = server
-            .patches()
-            .into_iter()
-            .rev()
-            .find(|(name, _)| name == release)
-            .map(|(_, status)| status);
-        if let Some(status) = found.filter(|s| s["state"] == state) {
-            return status;
+        let target_port = service
+            .versions
+            .iter()
+            .find_map(|v| v.endpoints.first())
+            .map_or(address.port(), |e| e.port());
+        objects.push(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": service.name, "namespace": namespace,
+                         "annotations": {"steer.dev/primary-version": primary.name}},
+            "spec": {"type": "ClusterIP", "clusterIP": address.ip().to_string(),
+                     "clusterIPs": [address.ip().to_string()],
+                     "ports": [{"name": "http", "port": address.port(), "protocol": "TCP",
+                                "targetPort": target_port}]}
+        }));
+        let mut endpoints = Vec::new();
+        for version in &service.versions {
+            for (i, endpoint) in version.endpoints.iter().enumerate() {
+                let pod = format!("{}-{}-{i}", service.name, version.name);
+                objects.push(json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": pod, "namespace": namespace,
+                                 "labels": {"app": service.name, "version": version.name}},
+                    "status": {"podIP": endpoint.ip().to_string()}
+                }));
+                endpoints.push(json!({
+                    "addresses": [endpoint.ip().to_string()],
+                    "conditions": {"ready": true, "serving": true, "terminating": false},
+                    "targetRef": {"kind": "Pod", "name": pod, "namespace": namespace}
+                }));
+            }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        objects.push(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{}-slice", service.name), "namespace": namespace,
+                         "labels": {"kubernetes.io/service-name": service.name}},
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"name": "http", "port": target_port, "protocol": "TCP"}]
+        }));
     }
-    panic!("{release} never got state {state}: {:?}", server.patches());
+    for (i, release) in config.releases.iter().enumerate() {
+        let mut spec = json!({"priority": release.priority, "match": release.matchers,
+                              "targets": release.targets});
+        if let (Some(percent), Some(hash_by)) = (release.percent, &release.hash_by) {
+            spec["percent"] = json!(percent);
+            spec["hashBy"] = json!(hash_by);
+        }
+        objects.push(json!({
+            "apiVersion": "steer.dev/v1alpha1", "kind": "CanaryRelease",
+            "metadata": {"name": release.name, "namespace": namespace, "generation": 1,
+                         "creationTimestamp": format!("2026-11-20T10:{:02}:00Z", i % 60)},
+            "spec": spec
+        }));
+    }
+    objects
 }
 
-#[tokio::test]
-async fn adds_modifies_deletes_and_relists() {
-    let objects = fixture();
-    let server = ApiServer::start(objects.clone()).await;
-    let (mut applied, task) = start_source(&server);
-
-    let first = applied
-        .until("the seed's three releases serve", |c| {
-            release_names(c) == ["food/blue", "food/green", "food/red"]
-        })
-        .await;
-    assert_eq!(first.services.len(), 3);
-
-    // Added: a release whose priority collides with green's on some requests.
-    let mut rival = object(&objects, "CanaryRelease", "green");
-    rival["metadata"]["name"] = json!("rival");
-    rival["metadata"]["creationTimestamp"] = json!("2026-11-23T00:00:00Z");
-    rival["spec"] = json!({"priority": 3, "match": [{"header": "x-device", "exact": "iphone"}]});
-    server.put(rival.clone());
-    let status = wait_for_status(&server, "food/rival", "Conflict").await;
-    let conflict = status["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Conflict")
-        .unwrap();
-    assert_eq!(conflict["status"], "True");
-    assert!(
-        conflict["message"].as_str().unwrap().contains("food/green"),
-        "{conflict}"
-    );
-
-    // Modified: the rival moves to its own priority and is accepted.
-    rival["spec"]["priority"] = json!(4);
-    rival["metadata"]["generation"] = json!(2);
-    server.put(rival);
-    applied
-        .until("the rival serves", |c| {
-            release_names(c).contains(&"food/rival")
-        })
-        .await;
-    let status = wait_for_status(&server, "food/rival", "Accepted").await;
-    assert_eq!(status["observedGeneration"], 2);
-
-    // Modified: the only ready red pod goes unready; the version stays, without endpoints.
-    let mut slice = objects
-        .iter()
-        .find(|o| {
-            o["kind"] == "EndpointSlice"
-                && o["metadata"]["name"]
-                    .as_str()
-                    .unwrap()
-                    .starts_with("restaurant")
-        })
-        .unwrap()
-        .clone();
-    for endpoint in slice["endpoints"].as_array_mut().unwrap() {
-        endpoint["conditions"]["ready"] = json!(false);
-    }
-    server.put(slice);
-    applied
-        .until("restaurant has no ready endpoint", |c| {
-            c.service("restaurant.food")
-                .is_some_and(|s| s.versions.iter().all(|v| v.endpoints.is_empty()))
-        })
-        .await;
-
-    // Deleted.
-    server.delete("CanaryRelease", "food", "blue");
-    applied
-        .until("blue is gone", |c| !release_names(c).contains(&"food/blue"))
-        .await;
-
-    // Re-listed: green disappears while no watch can see it, then every watch expires.
-    let mut objects_now: Vec<Value> = vec![];
-    server.delete("CanaryRelease", "food", "rival");
-    {
-        let state = server.state.lock().unwrap();
-        objects_now.extend(state.objects[RELEASES].values().cloned());
-    }
-    let green = objects_now
-        .iter()
-        .find(|o| o["metadata"]["name"] == "green")
-        .unwrap()
-        .clone();
-    let mut renamed = green.clone();
-    renamed["metadata"]["name"] = json!("green-2");
-    {
-        let mut state = server.state.lock().unwrap();
-        state
-            .objects
-            .get_mut(RELEASES)
-            .unwrap()
-            .remove(&key_of(&green));
-    }
-    server.put_unseen(renamed);
-    server.expire_watches();
-    applied
-        .until("the re-list replaced green by green-2", |c| {
-            release_names(c) == ["food/green-2", "food/red"]
-        })
-        .await;
-    task.abort();
-}
-
-#[tokio::test]
-async fn api_errors_keep_the_last_good_configuration() {
-    let server = ApiServer::start(fixture()).await;
-    // Nothing answers at first: nothing may be applied until everything was listed.
-    server.set_outage(true);
-    let (mut applied, task) = start_source(&server);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(
-        applied.0.try_recv().is_err(),
-        "applied before the first list"
-    );
-    server.set_outage(false);
-    applied
-        .until("the seed's releases serve", |c| c.releases.len() == 3)
-        .await;
-
-    // An outage after that: the watches fail and retry; what serves stays.
-    server.set_outage(true);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    while let Ok(config) = applied.0.try_recv() {
-        assert_eq!(
-            config.releases.len(),
-            3,
-            "an outage changed the configuration"
-        );
-        assert_eq!(
-            config.services.len(),
-            3,
-            "an outage changed the configuration"
-        );
-    }
-    server.set_outage(false);
-    server.delete("CanaryRelease", "food", "green");
-    applied
-        .until("the source caught up after the outage", |c| {
-            c.releases.len() == 2
-        })
-        .await;
-    task.abort();
-}
-
-#[tokio::test]
-async fn one_writer_takes_the_lease_and_verdicts_reach_the_status() {
-    let server = ApiServer::start(fixture()).await;
-    let (_applied, task) = start_source(&server);
-    for release in ["food/red", "food/blue", "food/green"] {
-        let status = wait_for_status(&server, release, "Accepted").await;
-        assert_eq!(status["observedGeneration"], 1);
-        let accepted = &status["conditions"][0];
-        assert_eq!(
-            (accepted["type"].as_str(), accepted["status"].as_str()),
-            (Some("Accepted"), Some("True"))
-        );
-    }
-    let lease = server.state.lock().unwrap().lease.clone().expect("a lease");
-    assert_eq!(lease["spec"]["holderIdentity"], "node-1");
-    // Written once: an unchanged verdict is not written again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let writes = server.patches().len();
-    assert_eq!(writes, 3, "{:?}", server.patches());
-    task.abort();
-
-    // Another agent holds a fresh lease: this one routes but does not write.
-    let server = ApiServer::start(fixture()).await;
-    server.state.lock().unwrap().lease = Some(json!({
-        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-        "metadata": {"name": "steer-status-writer", "namespace": "steer-system", "resourceVersion": "1"},
-        "spec": {"holderIdentity": "node-2", "leaseDurationSeconds": 3600,
-                 "renewTime": jiff::Timestamp::now().to_string()}
-    }));
-    let (mut applied, task) = start_source(&server);
-    applied.until("it routes", |c| c.releases.len() == 3).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(server.patches().is_empty(), "a follower wrote status");
-    task.abort();
+/// A kubeconfig that points the kube client at `server`.
+pub fn kubeconfig(server: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+         clusters: [{{name: test, cluster: {{server: \"http://{server}\"}}}}]\n\
+         users: [{{name: test, user: {{}}}}]\n\
+         contexts: [{{name: test, context: {{cluster: test, user: test}}}}]\n"
+    )
 }
