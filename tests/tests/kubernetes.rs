@@ -283,6 +283,8 @@ async fn one_writer_takes_the_lease_and_verdicts_reach_the_status() {
 const FOOD_CHAIN: &[(&str, &[&str])] = &[("order", &["restaurant"]), ("restaurant", &["delivery"])];
 const ANDROID: (&str, &str) = ("x-device", "android");
 const ATLANTIS: (&str, &str) = ("x-region", "atlantis");
+/// User tags of a request: (header, value) pairs.
+type Tags<'a> = &'a [(&'a str, &'a str)];
 
 /// The path of versions a request took and the release every hop saw.
 fn route(scenario: &Scenario, tags: &[(&str, &str)]) -> (String, Option<String>) {
@@ -302,7 +304,7 @@ fn steer_run_kubernetes_routes_the_seed_from_cluster_objects() {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/food-delivery.yaml");
     let scenario = Scenario::deploy_kubernetes(&fixture, FOOD_CHAIN, Node::new().unwrap()).unwrap();
     let release = |name: &str| Some(format!("{}/{name}", Cluster::NAMESPACE));
-    let cases: [(&[(&str, &str)], &str, Option<String>); 4] = [
+    let cases: [(Tags, &str, Option<String>); 4] = [
         (
             &[ATLANTIS],
             "order/v1 -> restaurant/v1 -> delivery/v2-green",
