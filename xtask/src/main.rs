@@ -16,7 +16,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what the build and tests need (idempotent): Debian packages, rust-src, bpf-linker.
+    /// Install what the build and tests need (idempotent): Debian packages, rust-src, bpf-linker,
+    /// kubernetes-validate.
     Setup,
     /// Build the eBPF object (`target/bpfel-unknown-none/release/steer`).
     BuildEbpf,
@@ -41,6 +42,8 @@ const PACKAGES: [(&str, &str); 5] = [
     ("mount", "mount"),
 ];
 const BPF_LINKER_VERSION: &str = "0.10.4";
+/// Validates deploy/'s manifests offline against the official Kubernetes schemas (PyPI).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 fn main() -> Result<()> {
     match Args::parse().task {
@@ -143,6 +146,22 @@ fn setup() -> Result<()> {
             BPF_LINKER_VERSION,
             "--locked",
         ]))?;
+    }
+    let validator = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output();
+    let current = validator
+        .as_ref()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(KUBERNETES_VALIDATE_VERSION));
+    if !current {
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+        ]))
+        .context("the manifest tests validate deploy/ with kubernetes-validate")?;
     }
     Ok(())
 }

@@ -147,6 +147,28 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_example_has_the_seed_examples_releases() {
+        let file = crate::config::Config::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/food-delivery.yaml"),
+        )
+        .unwrap();
+        for resource in resources("examples/k8s/food-delivery.yaml") {
+            let release: CanaryRelease = serde_json::from_value(resource).unwrap();
+            let name = release.metadata.name.as_deref().unwrap();
+            let twin = file.releases.iter().find(|r| r.name == name).unwrap();
+            assert_eq!(
+                (
+                    release.spec.priority,
+                    &release.spec.matchers,
+                    &release.spec.targets
+                ),
+                (twin.priority, &twin.matchers, &twin.targets),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
     fn the_schema_rejects_bad_specs() {
         let validator = spec_validator();
         let good = json!({

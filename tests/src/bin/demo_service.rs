@@ -31,9 +31,10 @@ struct Args {
     version: String,
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
-    /// A downstream call, `name=ip:port` (the service address); repeat for more, called in order.
+    /// A downstream call, `name=host:port` (the service address or its DNS name); repeat for
+    /// more, called in order.
     #[arg(long = "call", value_parser = parse_call)]
-    calls: Vec<(String, SocketAddr)>,
+    calls: Vec<(String, String)>,
     /// Request headers passed on to downstream calls.
     #[arg(
         long,
@@ -43,14 +44,13 @@ struct Args {
     forward: Vec<String>,
 }
 
-fn parse_call(arg: &str) -> Result<(String, SocketAddr), String> {
-    let (name, addr) = arg
-        .split_once('=')
-        .ok_or_else(|| format!("`{arg}` is not name=ip:port"))?;
-    let addr = addr
-        .parse()
-        .map_err(|err| format!("`{addr}` is not ip:port: {err}"))?;
-    Ok((name.to_string(), addr))
+fn parse_call(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((name, address)) if address.rsplit_once(':').is_some() => {
+            Ok((name.to_string(), address.to_string()))
+        }
+        _ => Err(format!("`{arg}` is not name=host:port")),
+    }
 }
 
 /// What one service version answers: itself and the answers of everything it called.
@@ -126,7 +126,7 @@ async fn handle(
     };
     let mut status = StatusCode::OK;
     for (name, addr) in &args.calls {
-        match call(&args, name, *addr, &req).await {
+        match call(&args, name, addr, &req).await {
             Ok(downstream) => hop.calls.push(downstream),
             Err(err) => {
                 status = StatusCode::BAD_GATEWAY;
@@ -159,12 +159,7 @@ async fn handle(
         .expect("valid response"))
 }
 
-async fn call(
-    args: &Args,
-    name: &str,
-    addr: SocketAddr,
-    incoming: &Request<Incoming>,
-) -> Result<Hop> {
+async fn call(args: &Args, name: &str, addr: &str, incoming: &Request<Incoming>) -> Result<Hop> {
     let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
         .await
         .context("connect timed out")?
