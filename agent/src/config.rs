@@ -107,6 +107,11 @@ pub struct Release {
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "[has(self.exact), has(self.prefix), has(self.regex)].filter(x, x).size() == 1",
     "message": "set exactly one of exact, prefix, regex"
+}, {
+    // Matching an invalid pattern is an evaluation error, which rejects the object; a valid
+    // one makes the rule true whatever it matches.
+    "rule": "!has(self.regex) || ''.matches(self.regex) || !''.matches(self.regex)",
+    "message": "regex is not a valid regular expression"
 }]))]
 pub struct Matcher {
     /// The request header (case-insensitive).
@@ -118,6 +123,7 @@ pub struct Matcher {
     pub prefix: Option<String>,
     /// Must match the whole header value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub regex: Option<String>,
 }
 

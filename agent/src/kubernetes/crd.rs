@@ -207,14 +207,56 @@ mod tests {
         }
     }
 
+    /// The CEL rules of the CRD, evaluated as the API server does on create and update.
+    fn cel_errors(spec: Value) -> Vec<String> {
+        let crd = serde_json::to_value(CanaryRelease::crd()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        match kube_cel::Validator::new().validate(schema, &json!({"spec": spec}), None) {
+            Ok(()) => vec![],
+            Err(errors) => errors.iter().map(|e| e.message.clone()).collect(),
+        }
+    }
+
     #[test]
-    fn the_crd_carries_the_rules_the_schema_cannot_say() {
-        // Exactly one comparison per matcher, and percent with hashBy, are CEL rules the API
-        // server evaluates; a regex's validity only the agent can judge (it reports it in the
-        // status). Make sure the rules are in the published CRD.
-        let crd = serde_json::to_string(&CanaryRelease::crd()).unwrap();
-        assert!(crd.contains("has(self.exact), has(self.prefix), has(self.regex)"));
-        assert!(crd.contains("has(self.percent) == has(self.hashBy)"));
+    fn the_crds_rules_reject_what_the_schema_cannot_say() {
+        let matcher = |m: Value| json!({"priority": 1, "match": [m]});
+        assert_eq!(
+            cel_errors(matcher(json!({"header": "x", "exact": "a"}))),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            cel_errors(matcher(json!({"header": "x", "regex": "android|ios"}))),
+            Vec::<String>::new()
+        );
+        let cases = [
+            (
+                matcher(json!({"header": "x", "regex": "(unclosed"})),
+                "not a valid regex",
+            ),
+            (
+                matcher(json!({"header": "x", "exact": "a", "prefix": "b"})),
+                "exactly one of exact, prefix, regex",
+            ),
+            (
+                matcher(json!({"header": "x"})),
+                "exactly one of exact, prefix, regex",
+            ),
+            (
+                json!({"priority": 1, "match": [{"header": "x", "exact": "a"}], "percent": 10}),
+                "percent and hashBy go together",
+            ),
+        ];
+        for (spec, reason) in cases {
+            let errors = cel_errors(spec.clone());
+            assert!(
+                errors.iter().any(|e| e.contains(reason)),
+                "{spec}: expected `{reason}`, got {errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_crd_has_a_status_subresource_and_printer_columns() {
         let crd = CanaryRelease::crd();
         let version = &crd.spec.versions[0];
         assert!(version.subresources.as_ref().unwrap().status.is_some());
