@@ -62,11 +62,16 @@ struct Applier {
 }
 
 impl Applier {
-    fn apply(&self, config: Config, origin: &str) -> Result<()> {
-        let result = self.try_apply(config, origin);
+    /// Applies a configuration the source could build, or records one it could not; either
+    /// way a rejection is logged and counted, and the previous configuration keeps serving.
+    fn apply(&self, config: Result<Config>, origin: &str) -> Result<()> {
+        let result = config.and_then(|config| self.try_apply(config, origin));
         self.metrics.reload(result.is_ok());
-        if result.is_ok() {
-            self.admin.synced.store(true, Ordering::Relaxed);
+        match &result {
+            Ok(()) => self.admin.synced.store(true, Ordering::Relaxed),
+            Err(err) => {
+                error!(source = origin, error = %format!("{err:#}"), "configuration rejected; the previous one keeps serving")
+            }
         }
         result
     }
@@ -257,11 +262,7 @@ async fn watch_file(path: PathBuf, applier: Applier) {
             continue;
         }
         seen = now;
-        let applied = Config::load(&path)
-            .map_err(anyhow::Error::from)
-            .and_then(|config| applier.apply(config, &origin));
-        if let Err(err) = applied {
-            error!(error = %format!("{err:#}"), "configuration rejected; the previous one keeps serving");
-        }
+        // Logged and counted by the applier.
+        let _ = applier.apply(Config::load(&path).map_err(Into::into), &origin);
     }
 }

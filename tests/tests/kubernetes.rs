@@ -69,6 +69,7 @@ fn start_source(server: &ApiServer) -> (Applied, tokio::task::JoinHandle<()>) {
         lease_namespace: "steer-system".into(),
     };
     let apply: kubernetes::Apply = Box::new(move |config| {
+        let config = config?;
         let _ = sender.send(config);
         Ok(())
     });

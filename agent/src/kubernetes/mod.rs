@@ -59,8 +59,9 @@ pub struct KubernetesOptions {
     pub lease_namespace: String,
 }
 
-/// Puts a built configuration in force; an error keeps the previous one serving.
-pub type Apply = Box<dyn Fn(Config) -> Result<()> + Send + Sync>;
+/// Puts a built configuration in force, or records why none could be built; an error keeps
+/// the previous one serving (the callee logs it).
+pub type Apply = Box<dyn Fn(Result<Config>) -> Result<()> + Send + Sync>;
 
 /// Runs the source for as long as the agent runs.
 pub async fn run(client: Client, options: KubernetesOptions, apply: Apply) {
@@ -128,15 +129,13 @@ pub async fn run(client: Client, options: KubernetesOptions, apply: Apply) {
         };
         match translate(&cluster, &options.version_label) {
             Ok(translation) => {
-                if let Err(err) = apply(translation.config) {
-                    error!(error = %format!("{err:#}"), "cluster configuration not applied; the previous one keeps serving");
-                }
-                if leading.load(Ordering::Relaxed) {
+                let applied = apply(Ok(translation.config));
+                if applied.is_ok() && leading.load(Ordering::Relaxed) {
                     write_statuses(&client, &current, &translation.verdicts).await;
                 }
             }
             Err(err) => {
-                error!(error = %format!("{err:#}"), "cluster configuration rejected; the previous one keeps serving");
+                let _ = apply(Err(err));
             }
         }
         changed.notified().await;
