@@ -214,17 +214,22 @@ pub async fn run(options: RunOptions) -> Result<()> {
             drain.clone(),
         )));
     }
-    drop(drain);
 
     let source = match (&options.source, kubernetes) {
         (Source::File(path), _) => tokio::spawn(watch_file(path.clone(), applier)),
         (Source::Kubernetes(kube_options), Some(client)) => {
             let apply: kubernetes::Apply =
                 Box::new(move |config| applier.apply(config, "kubernetes"));
-            tokio::spawn(kubernetes::run(client, kube_options.clone(), apply))
+            tokio::spawn(kubernetes::run(
+                client,
+                kube_options.clone(),
+                apply,
+                drain.clone(),
+            ))
         }
         (Source::Kubernetes(_), None) => unreachable!("the client was made above"),
     };
+    drop(drain);
 
     admin.ready.store(true, Ordering::Relaxed);
     info!(listen = %options.listen, admin = %options.admin, "steer is ready");

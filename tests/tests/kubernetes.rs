@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use steer::{
     config::Config,
+    drain::DrainTrigger,
     kubernetes::{self, KubernetesOptions},
 };
 use steer_tests::{
@@ -57,7 +58,8 @@ impl Applied {
     }
 }
 
-fn start_source(server: &ApiServer) -> (Applied, tokio::task::JoinHandle<()>) {
+/// Starts the source; it runs until the returned trigger drains (or is dropped).
+fn start_source(server: &ApiServer) -> (Applied, tokio::task::JoinHandle<()>, DrainTrigger) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("steer=debug"))
         .with_test_writer()
@@ -73,8 +75,9 @@ fn start_source(server: &ApiServer) -> (Applied, tokio::task::JoinHandle<()>) {
         let _ = sender.send(config);
         Ok(())
     });
-    let task = tokio::spawn(kubernetes::run(server.client(), options, apply));
-    (Applied(receiver), task)
+    let (trigger, drain) = steer::drain::channel();
+    let task = tokio::spawn(kubernetes::run(server.client(), options, apply, drain));
+    (Applied(receiver), task, trigger)
 }
 
 fn release_names(config: &Config) -> Vec<&str> {
@@ -103,7 +106,7 @@ async fn wait_for_status(server: &ApiServer, release: &str, state: &str) -> Valu
 async fn adds_modifies_deletes_and_relists() {
     let objects = fixture();
     let server = ApiServer::start(objects.clone()).await;
-    let (mut applied, task) = start_source(&server);
+    let (mut applied, task, _drain) = start_source(&server);
 
     let first = applied
         .until("the seed's three releases serve", |c| {
@@ -209,7 +212,7 @@ async fn api_errors_keep_the_last_good_configuration() {
     let server = ApiServer::start(fixture()).await;
     // Nothing answers at first: nothing may be applied until everything was listed.
     server.set_outage(true);
-    let (mut applied, task) = start_source(&server);
+    let (mut applied, task, _drain) = start_source(&server);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         applied.0.try_recv().is_err(),
@@ -248,7 +251,7 @@ async fn api_errors_keep_the_last_good_configuration() {
 #[tokio::test]
 async fn one_writer_takes_the_lease_and_verdicts_reach_the_status() {
     let server = ApiServer::start(fixture()).await;
-    let (_applied, task) = start_source(&server);
+    let (_applied, task, drain) = start_source(&server);
     for release in ["food/red", "food/blue", "food/green"] {
         let status = wait_for_status(&server, release, "Accepted").await;
         assert_eq!(status["observedGeneration"], 1);
@@ -264,7 +267,14 @@ async fn one_writer_takes_the_lease_and_verdicts_reach_the_status() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let writes = server.patches().len();
     assert_eq!(writes, 3, "{:?}", server.patches());
-    task.abort();
+    // Draining, the agent gives the lease up: another takes over at once, not after it expires.
+    assert!(
+        drain.drain(Duration::from_secs(5)).await,
+        "the source stopped"
+    );
+    task.await.unwrap();
+    let lease = server.state.lock().unwrap().lease.clone().unwrap();
+    assert!(lease["spec"]["holderIdentity"].is_null(), "{lease}");
 
     // Another agent holds a fresh lease: this one routes but does not write.
     let server = ApiServer::start(fixture()).await;
@@ -274,10 +284,21 @@ async fn one_writer_takes_the_lease_and_verdicts_reach_the_status() {
         "spec": {"holderIdentity": "node-2", "leaseDurationSeconds": 3600,
                  "renewTime": jiff::Timestamp::now().to_string()}
     }));
-    let (mut applied, task) = start_source(&server);
+    let (mut applied, task, _drain) = start_source(&server);
     applied.until("it routes", |c| c.releases.len() == 3).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(server.patches().is_empty(), "a follower wrote status");
+
+    // The holder gives the lease up (it drains): this agent takes it long before it expires.
+    {
+        let mut state = server.state.lock().unwrap();
+        let lease = state.lease.as_mut().unwrap();
+        lease["spec"]["holderIdentity"] = Value::Null;
+        lease["metadata"]["resourceVersion"] = json!("2");
+    }
+    wait_for_status(&server, "food/red", "Accepted").await;
+    let lease = server.state.lock().unwrap().lease.clone().unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "node-1");
     task.abort();
 }
 

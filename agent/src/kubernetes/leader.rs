@@ -46,8 +46,8 @@ impl Elector {
         }
     }
 
-    /// Campaigns and renews for as long as the agent runs.
-    pub async fn run(self) {
+    /// Campaigns and renews until the task is stopped.
+    pub async fn run(self: Arc<Self>) {
         loop {
             let leading = match self.round().await {
                 Ok(leading) => leading,
@@ -98,7 +98,8 @@ impl Elector {
             .renew_time
             .as_ref()
             .is_none_or(|renewed| renewed.0 + jiff::SignedDuration::from_secs(duration) < now.0);
-        if !ours && !expired {
+        let released = spec.holder_identity.as_deref().is_none_or(str::is_empty);
+        if !ours && !expired && !released {
             return Ok(false);
         }
         if !ours {
@@ -113,6 +114,32 @@ impl Elector {
             .api
             .replace(&name, &PostParams::default(), &lease)
             .await)
+    }
+}
+
+impl Elector {
+    /// Gives the lease up, so that another agent writes status at once rather than after the
+    /// lease expires (an agent going away in a rolling update).
+    pub async fn release(&self) -> Result<()> {
+        if !self.leading.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut lease = self
+            .api
+            .get(LEASE_NAME)
+            .await
+            .context("reading the lease")?;
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        self.api
+            .replace(LEASE_NAME, &PostParams::default(), &lease)
+            .await
+            .context("releasing the lease")?;
+        info!(identity = %self.identity, "status writer lease released");
+        Ok(())
     }
 }
 

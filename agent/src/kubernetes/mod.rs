@@ -14,7 +14,10 @@ pub mod translate;
 use std::{
     fmt::Debug,
     hash::Hash,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -44,7 +47,7 @@ use self::{
     status::desired_status,
     translate::{Cluster, Verdict, release_key, translate},
 };
-use crate::config::Config;
+use crate::{config::Config, drain::Drain};
 
 /// A burst of events (a rollout, a re-list) becomes one rebuild.
 const SETTLE: Duration = Duration::from_millis(50);
@@ -63,8 +66,8 @@ pub struct KubernetesOptions {
 /// the previous one serving (the callee logs it).
 pub type Apply = Box<dyn Fn(Result<Config>) -> Result<()> + Send + Sync>;
 
-/// Runs the source for as long as the agent runs.
-pub async fn run(client: Client, options: KubernetesOptions, apply: Apply) {
+/// Runs the source until the agent drains; then gives up the status writer's lease.
+pub async fn run(client: Client, options: KubernetesOptions, apply: Apply, mut drain: Drain) {
     let changed = Arc::new(Notify::new());
     let releases = watch(
         watcher(
@@ -92,14 +95,54 @@ pub async fn run(client: Client, options: KubernetesOptions, apply: Apply) {
         ),
         &changed,
     );
-    let elector = Elector::new(
+    let elector = Arc::new(Elector::new(
         client.clone(),
         &options.lease_namespace,
         options.identity.clone(),
         changed.clone(),
-    );
+    ));
     let leading = elector.leading.clone();
-    tokio::spawn(elector.run());
+    let campaign = tokio::spawn(elector.clone().run());
+    let stores = Stores {
+        releases,
+        services,
+        slices,
+        pods,
+    };
+    tokio::select! {
+        _ = follow(&client, &options, &apply, &changed, &leading, stores) => {}
+        _ = drain.signaled() => {}
+    }
+    campaign.abort();
+    if let Err(err) = elector.release().await {
+        warn!(error = %format!("{err:#}"), "cannot release the status writer lease; it expires by itself");
+    }
+}
+
+/// The watched objects.
+struct Stores {
+    releases: Store<CanaryRelease>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    pods: Store<PartialObjectMeta<Pod>>,
+}
+
+/// Rebuilds the configuration on every change, applies it, and writes the verdicts when this
+/// agent is the status writer.
+async fn follow(
+    client: &Client,
+    options: &KubernetesOptions,
+    apply: &Apply,
+    changed: &Notify,
+    leading: &AtomicBool,
+    stores: Stores,
+) {
+    let Stores {
+        releases,
+        services,
+        slices,
+        pods,
+    } = stores;
 
     let synced = async {
         releases.wait_until_ready().await?;
@@ -131,7 +174,7 @@ pub async fn run(client: Client, options: KubernetesOptions, apply: Apply) {
             Ok(translation) => {
                 let applied = apply(Ok(translation.config));
                 if applied.is_ok() && leading.load(Ordering::Relaxed) {
-                    write_statuses(&client, &current, &translation.verdicts).await;
+                    write_statuses(client, &current, &translation.verdicts).await;
                 }
             }
             Err(err) => {
