@@ -6,7 +6,7 @@ use std::{sync::Mutex, time::Duration};
 use http::StatusCode;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -33,6 +33,28 @@ pub struct Metrics {
     upstream_errors: Counter,
     unrouted: Counter,
     reloads: Family<ReloadLabels, Counter>,
+    watch_errors: Family<KindLabels, Counter>,
+    status_writes: Family<ResultLabels, Counter>,
+    status_writer: Gauge,
+    releases: Family<StateLabels, Gauge>,
+}
+
+/// The kind of Kubernetes object a watch is about.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// "written" or "failed".
+    pub result: String,
+}
+
+/// A CanaryRelease's state: Accepted, Shadowed, Conflict or Invalid.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,6 +105,30 @@ impl Default for Metrics {
             "Configuration reloads, applied or rejected",
             reloads.clone(),
         );
+        let watch_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "kubernetes_watch_errors",
+            "Failed Kubernetes watches and lists, by kind (retried with backoff)",
+            watch_errors.clone(),
+        );
+        let status_writes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "kubernetes_status_writes",
+            "CanaryRelease status writes, written or failed",
+            status_writes.clone(),
+        );
+        let status_writer = Gauge::default();
+        registry.register(
+            "kubernetes_status_writer",
+            "1 while this agent holds the status writer lease",
+            status_writer.clone(),
+        );
+        let releases = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "kubernetes_releases",
+            "CanaryReleases by state in the latest translation",
+            releases.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             requests,
@@ -90,6 +136,10 @@ impl Default for Metrics {
             upstream_errors,
             unrouted,
             reloads,
+            watch_errors,
+            status_writes,
+            status_writer,
+            releases,
         }
     }
 }
@@ -137,6 +187,39 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    pub fn watch_error(&self, kind: &str) {
+        self.watch_errors
+            .get_or_create(&KindLabels {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn status_write(&self, written: bool) {
+        let result = if written { "written" } else { "failed" };
+        self.status_writes
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn status_writer(&self, leading: bool) {
+        self.status_writer.set(i64::from(leading));
+    }
+
+    /// How many releases the latest translation put in each state (every state is set, so a
+    /// state no release is in any more reads 0).
+    pub fn releases_by_state(&self, counts: &[(&str, usize)]) {
+        for (state, count) in counts {
+            self.releases
+                .get_or_create(&StateLabels {
+                    state: state.to_string(),
+                })
+                .set(*count as i64);
+        }
     }
 
     /// The Prometheus text exposition.

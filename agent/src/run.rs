@@ -224,6 +224,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 client,
                 kube_options.clone(),
                 apply,
+                metrics.clone(),
                 drain.clone(),
             ))
         }

@@ -10,10 +10,13 @@ use std::{
 
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::sync::Arc;
+
 use steer::{
     config::Config,
     drain::DrainTrigger,
     kubernetes::{self, KubernetesOptions},
+    metrics::Metrics,
 };
 use steer_tests::{
     Node,
@@ -58,8 +61,24 @@ impl Applied {
     }
 }
 
-/// Starts the source; it runs until the returned trigger drains (or is dropped).
-fn start_source(server: &ApiServer) -> (Applied, tokio::task::JoinHandle<()>, DrainTrigger) {
+/// The source under test: what it applies, its task, the trigger that stops it (dropping it
+/// stops the source too) and its metrics.
+struct Source {
+    applied: Applied,
+    task: tokio::task::JoinHandle<()>,
+    drain: DrainTrigger,
+    metrics: Arc<Metrics>,
+}
+
+/// The value of one metric line, e.g. `steer_kubernetes_status_writer`.
+fn metric(metrics: &Metrics, line: &str) -> Option<f64> {
+    metrics.encode().lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == line).then(|| value.parse().ok())?
+    })
+}
+
+fn start_source(server: &ApiServer) -> Source {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("steer=debug"))
         .with_test_writer()
@@ -76,8 +95,20 @@ fn start_source(server: &ApiServer) -> (Applied, tokio::task::JoinHandle<()>, Dr
         Ok(())
     });
     let (trigger, drain) = steer::drain::channel();
-    let task = tokio::spawn(kubernetes::run(server.client(), options, apply, drain));
-    (Applied(receiver), task, trigger)
+    let metrics = Arc::new(Metrics::default());
+    let task = tokio::spawn(kubernetes::run(
+        server.client(),
+        options,
+        apply,
+        metrics.clone(),
+        drain,
+    ));
+    Source {
+        applied: Applied(receiver),
+        task,
+        drain: trigger,
+        metrics,
+    }
 }
 
 fn release_names(config: &Config) -> Vec<&str> {
@@ -106,9 +137,10 @@ async fn wait_for_status(server: &ApiServer, release: &str, state: &str) -> Valu
 async fn adds_modifies_deletes_and_relists() {
     let objects = fixture();
     let server = ApiServer::start(objects.clone()).await;
-    let (mut applied, task, _drain) = start_source(&server);
+    let mut source = start_source(&server);
 
-    let first = applied
+    let first = source
+        .applied
         .until("the seed's three releases serve", |c| {
             release_names(c) == ["food/blue", "food/green", "food/red"]
         })
@@ -133,12 +165,20 @@ async fn adds_modifies_deletes_and_relists() {
         conflict["message"].as_str().unwrap().contains("food/green"),
         "{conflict}"
     );
+    assert_eq!(
+        metric(
+            &source.metrics,
+            "steer_kubernetes_releases{state=\"Conflict\"}"
+        ),
+        Some(1.0)
+    );
 
     // Modified: the rival moves to its own priority and is accepted.
     rival["spec"]["priority"] = json!(4);
     rival["metadata"]["generation"] = json!(2);
     server.put(rival);
-    applied
+    source
+        .applied
         .until("the rival serves", |c| {
             release_names(c).contains(&"food/rival")
         })
@@ -162,7 +202,8 @@ async fn adds_modifies_deletes_and_relists() {
         endpoint["conditions"]["ready"] = json!(false);
     }
     server.put(slice);
-    applied
+    source
+        .applied
         .until("restaurant has no ready endpoint", |c| {
             c.service("restaurant.food")
                 .is_some_and(|s| s.versions.iter().all(|v| v.endpoints.is_empty()))
@@ -171,7 +212,8 @@ async fn adds_modifies_deletes_and_relists() {
 
     // Deleted.
     server.delete("CanaryRelease", "food", "blue");
-    applied
+    source
+        .applied
         .until("blue is gone", |c| !release_names(c).contains(&"food/blue"))
         .await;
 
@@ -199,12 +241,13 @@ async fn adds_modifies_deletes_and_relists() {
     }
     server.put_unseen(renamed);
     server.expire_watches();
-    applied
+    source
+        .applied
         .until("the re-list replaced green by green-2", |c| {
             release_names(c) == ["food/green-2", "food/red"]
         })
         .await;
-    task.abort();
+    source.task.abort();
 }
 
 #[tokio::test]
@@ -212,21 +255,22 @@ async fn api_errors_keep_the_last_good_configuration() {
     let server = ApiServer::start(fixture()).await;
     // Nothing answers at first: nothing may be applied until everything was listed.
     server.set_outage(true);
-    let (mut applied, task, _drain) = start_source(&server);
+    let mut source = start_source(&server);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
-        applied.0.try_recv().is_err(),
+        source.applied.0.try_recv().is_err(),
         "applied before the first list"
     );
     server.set_outage(false);
-    applied
+    source
+        .applied
         .until("the seed's releases serve", |c| c.releases.len() == 3)
         .await;
 
     // An outage after that: the watches fail and retry; what serves stays.
     server.set_outage(true);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    while let Ok(config) = applied.0.try_recv() {
+    while let Ok(config) = source.applied.0.try_recv() {
         assert_eq!(
             config.releases.len(),
             3,
@@ -238,20 +282,29 @@ async fn api_errors_keep_the_last_good_configuration() {
             "an outage changed the configuration"
         );
     }
+    let errors = metric(
+        &source.metrics,
+        "steer_kubernetes_watch_errors_total{kind=\"CanaryRelease\"}",
+    );
+    assert!(
+        errors.is_some_and(|n| n > 0.0),
+        "watch errors counted: {errors:?}"
+    );
     server.set_outage(false);
     server.delete("CanaryRelease", "food", "green");
-    applied
+    source
+        .applied
         .until("the source caught up after the outage", |c| {
             c.releases.len() == 2
         })
         .await;
-    task.abort();
+    source.task.abort();
 }
 
 #[tokio::test]
 async fn one_writer_takes_the_lease_and_verdicts_reach_the_status() {
     let server = ApiServer::start(fixture()).await;
-    let (_applied, task, drain) = start_source(&server);
+    let source = start_source(&server);
     for release in ["food/red", "food/blue", "food/green"] {
         let status = wait_for_status(&server, release, "Accepted").await;
         assert_eq!(status["observedGeneration"], 1);
@@ -267,14 +320,36 @@ async fn one_writer_takes_the_lease_and_verdicts_reach_the_status() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let writes = server.patches().len();
     assert_eq!(writes, 3, "{:?}", server.patches());
+    assert_eq!(
+        metric(&source.metrics, "steer_kubernetes_status_writer"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &source.metrics,
+            "steer_kubernetes_status_writes_total{result=\"written\"}"
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &source.metrics,
+            "steer_kubernetes_releases{state=\"Accepted\"}"
+        ),
+        Some(3.0)
+    );
     // Draining, the agent gives the lease up: another takes over at once, not after it expires.
     assert!(
-        drain.drain(Duration::from_secs(5)).await,
+        source.drain.drain(Duration::from_secs(5)).await,
         "the source stopped"
     );
-    task.await.unwrap();
+    source.task.await.unwrap();
     let lease = server.state.lock().unwrap().lease.clone().unwrap();
     assert!(lease["spec"]["holderIdentity"].is_null(), "{lease}");
+    assert_eq!(
+        metric(&source.metrics, "steer_kubernetes_status_writer"),
+        Some(0.0)
+    );
 
     // Another agent holds a fresh lease: this one routes but does not write.
     let server = ApiServer::start(fixture()).await;
@@ -284,8 +359,11 @@ async fn one_writer_takes_the_lease_and_verdicts_reach_the_status() {
         "spec": {"holderIdentity": "node-2", "leaseDurationSeconds": 3600,
                  "renewTime": jiff::Timestamp::now().to_string()}
     }));
-    let (mut applied, task, _drain) = start_source(&server);
-    applied.until("it routes", |c| c.releases.len() == 3).await;
+    let mut source = start_source(&server);
+    source
+        .applied
+        .until("it routes", |c| c.releases.len() == 3)
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(server.patches().is_empty(), "a follower wrote status");
 
@@ -299,7 +377,7 @@ async fn one_writer_takes_the_lease_and_verdicts_reach_the_status() {
     wait_for_status(&server, "food/red", "Accepted").await;
     let lease = server.state.lock().unwrap().lease.clone().unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "node-1");
-    task.abort();
+    source.task.abort();
 }
 
 const FOOD_CHAIN: &[(&str, &[&str])] = &[("order", &["restaurant"]), ("restaurant", &["delivery"])];

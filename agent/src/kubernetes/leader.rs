@@ -22,6 +22,8 @@ use kube::{
     api::{PostParams, ResourceExt},
 };
 use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
 use tracing::{info, warn};
 
 const LEASE_SECONDS: i32 = 15;
@@ -34,15 +36,23 @@ pub struct Elector {
     pub leading: Arc<AtomicBool>,
     /// Woken when this agent becomes the writer, so it writes the statuses at once.
     on_lead: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
 impl Elector {
-    pub fn new(client: Client, namespace: &str, identity: String, on_lead: Arc<Notify>) -> Elector {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        identity: String,
+        on_lead: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Elector {
         Elector {
             api: Api::namespaced(client, namespace),
             identity,
             leading: Arc::default(),
             on_lead,
+            metrics,
         }
     }
 
@@ -58,6 +68,7 @@ impl Elector {
             };
             if leading != self.leading.swap(leading, Ordering::Relaxed) {
                 info!(identity = %self.identity, leading, "status writer changed");
+                self.metrics.status_writer(leading);
                 if leading {
                     self.on_lead.notify_one();
                 }
@@ -124,6 +135,7 @@ impl Elector {
         if !self.leading.swap(false, Ordering::Relaxed) {
             return Ok(());
         }
+        self.metrics.status_writer(false);
         let mut lease = self
             .api
             .get(LEASE_NAME)

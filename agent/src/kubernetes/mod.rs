@@ -45,9 +45,9 @@ use self::{
     crd::CanaryRelease,
     leader::Elector,
     status::desired_status,
-    translate::{Cluster, Verdict, release_key, translate},
+    translate::{Cluster, State, Verdict, release_key, translate},
 };
-use crate::{config::Config, drain::Drain};
+use crate::{config::Config, drain::Drain, metrics::Metrics};
 
 /// A burst of events (a rollout, a re-list) becomes one rebuild.
 const SETTLE: Duration = Duration::from_millis(50);
@@ -67,7 +67,13 @@ pub struct KubernetesOptions {
 pub type Apply = Box<dyn Fn(Result<Config>) -> Result<()> + Send + Sync>;
 
 /// Runs the source until the agent drains; then gives up the status writer's lease.
-pub async fn run(client: Client, options: KubernetesOptions, apply: Apply, mut drain: Drain) {
+pub async fn run(
+    client: Client,
+    options: KubernetesOptions,
+    apply: Apply,
+    metrics: Arc<Metrics>,
+    mut drain: Drain,
+) {
     let changed = Arc::new(Notify::new());
     let releases = watch(
         watcher(
@@ -75,10 +81,12 @@ pub async fn run(client: Client, options: KubernetesOptions, apply: Apply, mut d
             Default::default(),
         ),
         &changed,
+        &metrics,
     );
     let services = watch(
         watcher(Api::<Service>::all(client.clone()), Default::default()),
         &changed,
+        &metrics,
     );
     let slices = watch(
         watcher(
@@ -86,6 +94,7 @@ pub async fn run(client: Client, options: KubernetesOptions, apply: Apply, mut d
             Default::default(),
         ),
         &changed,
+        &metrics,
     );
     // Only the pods' labels matter: metadata is a fraction of a pod's size.
     let pods = watch(
@@ -94,12 +103,14 @@ pub async fn run(client: Client, options: KubernetesOptions, apply: Apply, mut d
             Default::default(),
         ),
         &changed,
+        &metrics,
     );
     let elector = Arc::new(Elector::new(
         client.clone(),
         &options.lease_namespace,
         options.identity.clone(),
         changed.clone(),
+        metrics.clone(),
     ));
     let leading = elector.leading.clone();
     let campaign = tokio::spawn(elector.clone().run());
@@ -110,7 +121,7 @@ pub async fn run(client: Client, options: KubernetesOptions, apply: Apply, mut d
         pods,
     };
     tokio::select! {
-        _ = follow(&client, &options, &apply, &changed, &leading, stores) => {}
+        _ = follow(&client, &options, &apply, &metrics, &changed, &leading, stores) => {}
         _ = drain.signaled() => {}
     }
     campaign.abort();
@@ -133,6 +144,7 @@ async fn follow(
     client: &Client,
     options: &KubernetesOptions,
     apply: &Apply,
+    metrics: &Metrics,
     changed: &Notify,
     leading: &AtomicBool,
     stores: Stores,
@@ -172,9 +184,17 @@ async fn follow(
         };
         match translate(&cluster, &options.version_label) {
             Ok(translation) => {
+                let counts: Vec<(&str, usize)> = State::ALL
+                    .iter()
+                    .map(|state| {
+                        let count = translation.verdicts.values().filter(|v| v.state == *state);
+                        (state.as_str(), count.count())
+                    })
+                    .collect();
+                metrics.releases_by_state(&counts);
                 let applied = apply(Ok(translation.config));
                 if applied.is_ok() && leading.load(Ordering::Relaxed) {
-                    write_statuses(client, &current, &translation.verdicts).await;
+                    write_statuses(client, metrics, &current, &translation.verdicts).await;
                 }
             }
             Err(err) => {
@@ -188,7 +208,7 @@ async fn follow(
 
 /// Keeps a store of one kind of object in step with the API server and wakes the rebuild on
 /// every change.
-fn watch<K, S>(stream: S, changed: &Arc<Notify>) -> Store<K>
+fn watch<K, S>(stream: S, changed: &Arc<Notify>, metrics: &Arc<Metrics>) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
@@ -197,13 +217,17 @@ where
     let (store, writer): (Store<K>, Writer<K>) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).to_string();
     let changed = changed.clone();
+    let metrics = metrics.clone();
     let events = stream.default_backoff().reflect(writer);
     tokio::spawn(async move {
         let mut events = std::pin::pin!(events);
         while let Some(event) = events.next().await {
             match event {
                 Ok(_) => changed.notify_one(),
-                Err(err) => warn!(%kind, error = %err, "watch failed; retrying with backoff"),
+                Err(err) => {
+                    metrics.watch_error(&kind);
+                    warn!(%kind, error = %err, "watch failed; retrying with backoff");
+                }
             }
         }
     });
@@ -213,6 +237,7 @@ where
 /// Writes the verdicts whose status differs from what the release carries.
 async fn write_statuses(
     client: &Client,
+    metrics: &Metrics,
     releases: &[Arc<CanaryRelease>],
     verdicts: &std::collections::BTreeMap<String, Verdict>,
 ) {
@@ -235,10 +260,12 @@ async fn write_statuses(
             .await
         {
             Ok(_) => {
-                info!(release = %release_key(&namespace, &name), state = verdict.state.as_str(), "status written")
+                metrics.status_write(true);
+                info!(release = %release_key(&namespace, &name), state = verdict.state.as_str(), "status written");
             }
             Err(err) => {
-                warn!(release = %release_key(&namespace, &name), error = %err, "cannot write status")
+                metrics.status_write(false);
+                warn!(release = %release_key(&namespace, &name), error = %err, "cannot write status");
             }
         }
     }

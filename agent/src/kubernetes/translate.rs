@@ -58,6 +58,13 @@ pub enum State {
 }
 
 impl State {
+    pub const ALL: [State; 4] = [
+        State::Accepted,
+        State::Shadowed,
+        State::Conflict,
+        State::Invalid,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Accepted => "Accepted",
