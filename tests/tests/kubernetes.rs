@@ -5,13 +5,12 @@
 
 use std::{
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::sync::Arc;
-
 use steer::{
     config::Config,
     drain::DrainTrigger,
