@@ -319,6 +319,13 @@ async fn one_writer_takes_the_lease_and_verdicts_reach_the_status() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let writes = server.patches().len();
     assert_eq!(writes, 3, "{:?}", server.patches());
+    // Our own status writes come back as events; they change nothing, so nothing is rebuilt.
+    let mut source = source;
+    let mut applied = 0;
+    while source.applied.0.try_recv().is_ok() {
+        applied += 1;
+    }
+    assert_eq!(applied, 1, "status-only events were applied again");
     assert_eq!(
         metric(&source.metrics, "steer_kubernetes_status_writer"),
         Some(1.0)

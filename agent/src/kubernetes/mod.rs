@@ -51,6 +51,8 @@ use crate::{config::Config, drain::Drain, metrics::Metrics};
 
 /// A burst of events (a rollout, a re-list) becomes one rebuild.
 const SETTLE: Duration = Duration::from_millis(50);
+/// How soon a round that failed in part (a status write, the datapath) is tried again.
+const RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct KubernetesOptions {
@@ -167,12 +169,17 @@ async fn follow(
         return;
     }
     info!("the cluster's objects are listed");
+    // The cluster last applied, and the one whose verdicts this agent last wrote in full: our
+    // own status writes come back as events that change neither, and cost no rebuild.
+    let mut applied: Option<Arc<Cluster>> = None;
+    let mut written: Option<Arc<Cluster>> = None;
     loop {
         let current = releases.state();
-        let cluster = Cluster {
-            releases: current.iter().map(|r| (**r).clone()).collect(),
-            services: services.state().iter().map(|s| (**s).clone()).collect(),
-            slices: slices.state().iter().map(|s| (**s).clone()).collect(),
+        // Sorted: a store's order changes with its updates, the cluster it holds does not.
+        let cluster = Arc::new(Cluster {
+            releases: sorted(current.iter().map(|r| without_status(r))),
+            services: sorted(services.state().iter().map(|s| (**s).clone())),
+            slices: sorted(slices.state().iter().map(|s| (**s).clone())),
             pods: pods
                 .state()
                 .iter()
@@ -181,29 +188,68 @@ async fn follow(
                     (key, p.labels().clone())
                 })
                 .collect(),
-        };
-        match translate(&cluster, &options.version_label) {
-            Ok(translation) => {
-                let counts: Vec<(&str, usize)> = State::ALL
-                    .iter()
-                    .map(|state| {
-                        let count = translation.verdicts.values().filter(|v| v.state == *state);
-                        (state.as_str(), count.count())
-                    })
-                    .collect();
-                metrics.releases_by_state(&counts);
-                let applied = apply(Ok(translation.config));
-                if applied.is_ok() && leading.load(Ordering::Relaxed) {
-                    write_statuses(client, metrics, &current, &translation.verdicts).await;
+        });
+        let leading_now = leading.load(Ordering::Relaxed);
+        if !leading_now {
+            written = None;
+        }
+        let apply_due = applied.as_ref() != Some(&cluster);
+        let status_due = leading_now && written.as_ref() != Some(&cluster);
+        if apply_due || status_due {
+            match translate(&cluster, &options.version_label) {
+                Ok(translation) => {
+                    let counts: Vec<(&str, usize)> = State::ALL
+                        .iter()
+                        .map(|state| {
+                            let count = translation.verdicts.values().filter(|v| v.state == *state);
+                            (state.as_str(), count.count())
+                        })
+                        .collect();
+                    metrics.releases_by_state(&counts);
+                    if apply_due && apply(Ok(translation.config)).is_ok() {
+                        applied = Some(cluster.clone());
+                    }
+                    if status_due
+                        && write_statuses(client, metrics, &current, &translation.verdicts).await
+                    {
+                        written = Some(cluster.clone());
+                    }
+                }
+                Err(err) => {
+                    // The same objects would fail the same way: wait for a change.
+                    let _ = apply(Err(err));
+                    applied = Some(cluster.clone());
+                    written = Some(cluster.clone());
                 }
             }
-            Err(err) => {
-                let _ = apply(Err(err));
-            }
         }
-        changed.notified().await;
+        let pending = applied.as_ref() != Some(&cluster)
+            || (leading_now && written.as_ref() != Some(&cluster));
+        if pending {
+            // A datapath update or a status write failed: again soon, events or not.
+            let _ = tokio::time::timeout(RETRY, changed.notified()).await;
+        } else {
+            changed.notified().await;
+        }
         tokio::time::sleep(SETTLE).await;
     }
+}
+
+/// Objects by namespace and name.
+fn sorted<K: ResourceExt>(objects: impl Iterator<Item = K>) -> Vec<K> {
+    let mut objects: Vec<K> = objects.collect();
+    objects.sort_by_cached_key(|o| (o.namespace(), o.name_any()));
+    objects
+}
+
+/// A release as the translation sees it: without the status and the bookkeeping our own
+/// status writes change.
+fn without_status(release: &CanaryRelease) -> CanaryRelease {
+    let mut release = release.clone();
+    release.status = None;
+    release.metadata.resource_version = None;
+    release.metadata.managed_fields = None;
+    release
 }
 
 /// Keeps a store of one kind of object in step with the API server and wakes the rebuild on
@@ -234,15 +280,17 @@ where
     store
 }
 
-/// Writes the verdicts whose status differs from what the release carries.
+/// Writes the verdicts whose status differs from what the release carries; true when every
+/// write succeeded.
 async fn write_statuses(
     client: &Client,
     metrics: &Metrics,
     releases: &[Arc<CanaryRelease>],
     verdicts: &std::collections::BTreeMap<String, Verdict>,
-) {
+) -> bool {
     // The API keeps seconds: writing more would make every comparison a difference.
     let now = Time(jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).expect("now"));
+    let mut all_written = true;
     for release in releases {
         let namespace = release.namespace().unwrap_or_default();
         let name = release.name_any();
@@ -264,9 +312,11 @@ async fn write_statuses(
                 info!(release = %release_key(&namespace, &name), state = verdict.state.as_str(), "status written");
             }
             Err(err) => {
+                all_written = false;
                 metrics.status_write(false);
                 warn!(release = %release_key(&namespace, &name), error = %err, "cannot write status");
             }
         }
     }
+    all_written
 }

@@ -30,7 +30,7 @@ const SLICE_SERVICE_LABEL: &str = "kubernetes.io/service-name";
 pub type PodLabels = HashMap<(String, String), BTreeMap<String, String>>;
 
 /// The objects the translation reads, as the watchers hold them.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Cluster {
     pub releases: Vec<CanaryRelease>,
     pub services: Vec<KubeService>,
