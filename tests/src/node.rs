@@ -5,7 +5,7 @@
 //! are attached (`--cgroup`), so parallel beds never see each other's programs. nftables DNAT in
 //! a table of the bed's own plays kube-proxy for service addresses.
 //!
-//! Address plan of a bed with index B (unique per process and bed, see [`Node::new`]):
+//! Address plan of a bed with index B (unique on the machine, see [`Node::new`]):
 //! pods 10.201.B.10+ and fd5e:0:B::10+, services 10.202.B.x, the node (proxy) address
 //! 10.203.B.1 and fd5f:0:B::1 on the host's `lo`. [`Node::with_index`] lets the demo choose.
 //!
@@ -322,17 +322,46 @@ pub struct Node {
     pub cgroup: PathBuf,
     pods: Vec<Pod>,
     table: String,
+    /// Holds the bed's index against other processes until the bed is gone.
+    _claim: std::fs::File,
+}
+
+/// Where beds claim their index: one lock file per index, locked while a bed has it (the
+/// kernel lets go when the process ends, however it ends).
+const CLAIMS: &str = "/run/steer-test-beds";
+
+/// Claims an index for this process's bed, or `None` when another bed holds it.
+fn claim(index: u8) -> Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(CLAIMS).with_context(|| format!("create {CLAIMS}"))?;
+    let path = Path::new(CLAIMS).join(format!("{index}.lock"));
+    let file = std::fs::File::create(&path).with_context(|| format!("open {}", path.display()))?;
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    Ok(locked.then_some(file))
 }
 
 impl Node {
-    /// A bed with its own name and address ranges, unique among the beds of this process
-    /// (tests of one binary run in parallel; binaries run one after another).
+    /// A bed with its own name and address ranges, unique among the beds of every process on
+    /// the machine (tests of a binary run in parallel, and so may two test runs).
     pub fn new() -> Result<Node> {
         let n = BEDS.fetch_add(1, Ordering::Relaxed);
-        Node::with_index(((std::process::id() + n * 37) % 200 + 20) as u8)
+        let start = std::process::id() + n * 37;
+        for k in 0..200 {
+            let index = ((start + k) % 200 + 20) as u8;
+            if let Some(claim) = claim(index)? {
+                return Node::build(index, claim);
+            }
+        }
+        bail!("all 200 test bed indices are in use")
     }
 
+    /// A bed with this index; fails when another bed (of any process) has it.
     pub fn with_index(index: u8) -> Result<Node> {
+        let claim = claim(index)?.with_context(|| format!("test bed index {index} is in use"))?;
+        Node::build(index, claim)
+    }
+
+    fn build(index: u8, claim: std::fs::File) -> Result<Node> {
         let name = format!("st{}x{index}", std::process::id() % 10_000);
         let cgroup = cgroup2_mount()?.join(format!("steer-test-{name}"));
         let node = Node {
@@ -343,6 +372,7 @@ impl Node {
             cgroup,
             pods: Vec::new(),
             table: format!("steer_{name}"),
+            _claim: claim,
         };
         // From here on, Drop (or a signal) removes whatever was made.
         node.install_guard()?;
