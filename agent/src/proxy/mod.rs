@@ -469,3 +469,6 @@ fn prepare_uri(request: &mut Request<Incoming>, service: &str, http2: bool) {
         *request.uri_mut() = uri;
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,58 @@
+use http::{HeaderMap, HeaderValue};
+
+use super::remove_hop_by_hop;
+
+fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        map.append(*name, HeaderValue::from_static(value));
+    }
+    map
+}
+
+fn names(map: &HeaderMap) -> Vec<&str> {
+    let mut names: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn connection_scoped_headers_do_not_cross_the_proxy() {
+    let mut map = headers(&[
+        ("connection", "keep-alive, x-session-secret"),
+        ("x-session-secret", "42"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-connection", "keep-alive"),
+        ("transfer-encoding", "chunked"),
+        ("trailer", "grpc-status"),
+        ("upgrade", "websocket"),
+        ("x-device", "android"),
+        ("baggage", "steer-release=red"),
+    ]);
+    remove_hop_by_hop(&mut map, false);
+    // Upgrade is only kept for an upgrade the proxy passes through.
+    assert_eq!(names(&map), ["baggage", "x-device"]);
+}
+
+#[test]
+fn an_upgrade_keeps_its_upgrade_and_connection_headers() {
+    let mut map = headers(&[
+        ("connection", "Upgrade, x-other"),
+        ("upgrade", "websocket"),
+        ("x-other", "1"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ]);
+    remove_hop_by_hop(&mut map, true);
+    assert_eq!(names(&map), ["connection", "sec-websocket-key", "upgrade"]);
+    assert_eq!(map["connection"], "upgrade");
+}
+
+#[test]
+fn te_trailers_is_kept_for_grpc_and_other_te_values_are_not() {
+    let mut map = headers(&[("te", "trailers")]);
+    remove_hop_by_hop(&mut map, false);
+    assert_eq!(map["te"], "trailers");
+    let mut map = headers(&[("te", "gzip, trailers")]);
+    remove_hop_by_hop(&mut map, false);
+    assert!(map.get("te").is_none());
+}
