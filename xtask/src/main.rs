@@ -41,6 +41,8 @@ const PACKAGES: [(&str, &str); 5] = [
     ("curl", "curl"),
     ("mount", "mount"),
 ];
+/// What only the benchmarks use: the proxies steer is compared with.
+const BENCH_PACKAGES: [(&str, &str); 2] = [("nginx", "nginx-light"), ("haproxy", "haproxy")];
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Validates deploy/'s manifests offline against the official Kubernetes schemas (PyPI).
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
@@ -62,6 +64,7 @@ fn main() -> Result<()> {
             demo(scenario.as_deref())
         }
         Task::Bench => {
+            setup()?;
             let started = SystemTime::now();
             cargo(&["bench", "--package", "steer", "--bench", "rules"])?;
             // Needs root: network namespaces, cgroups and the eBPF programs.
@@ -73,7 +76,18 @@ fn main() -> Result<()> {
                 "--bin",
                 "connect-bench",
             ])?;
-            bench::summarize(&workspace_root().join("target"), started)
+            bench::summarize(&workspace_root().join("target"), started)?;
+            // The node proxy next to nginx and haproxy; prints its own tables.
+            install_missing(&BENCH_PACKAGES)?;
+            cargo(&["build", "--release", "--package", "steer"])?;
+            cargo(&[
+                "run",
+                "--release",
+                "--package",
+                "steer-tests",
+                "--bin",
+                "proxy-bench",
+            ])
         }
     }
 }
@@ -119,8 +133,9 @@ fn have(program: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn setup() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+/// apt-get installs the packages whose command is missing.
+fn install_missing(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(program, _)| !have(program))
         .map(|&(_, package)| package)
@@ -132,6 +147,11 @@ fn setup() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    install_missing(&PACKAGES)?;
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
         .context("the eBPF programs build with nightly and rust-src")?;
     let linker = Command::new("bpf-linker").arg("--version").output();
