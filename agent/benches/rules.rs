@@ -31,6 +31,7 @@ fn releases(n: usize) -> Config {
             name: "svc".into(),
             addresses: vec![],
             versions,
+            request_timeout: None,
         }],
         releases: (0..n)
             .map(|i| Release {

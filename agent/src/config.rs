@@ -3,7 +3,7 @@
 //! The YAML file format. Its matchers are also the Kubernetes resource's (`kubernetes::crd`), so
 //! field names are camelCase and unknown fields are rejected: a typo must not silently drop a rule.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path};
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, time::Duration};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -64,6 +64,64 @@ pub struct Service {
     #[serde(default)]
     pub addresses: Vec<SocketAddr>,
     pub versions: Vec<Version>,
+    /// How long a version has to answer with its response headers (e.g. `5s`, `1m30s`);
+    /// [`DEFAULT_REQUEST_TIMEOUT`] when unset. Streaming bodies are not cut off by it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "timeout_format"
+    )]
+    pub request_timeout: Option<Duration>,
+}
+
+/// A service's request timeout when its configuration names none.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Durations as people write them (`250ms`, `5s`, `1m30s`); zero is refused, since it would
+/// fail every request.
+pub mod timeout_format {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let duration: jiff::SignedDuration = text
+            .parse()
+            .map_err(|err| format!("`{text}` is not a duration such as 5s or 1m30s: {err}"))?;
+        match Duration::try_from(duration) {
+            Ok(duration) if !duration.is_zero() => Ok(duration),
+            _ => Err(format!("`{text}`: a timeout must be more than zero")),
+        }
+    }
+
+    /// `parse`, with the field named for the file format's errors.
+    fn parse_field(text: &str) -> Result<Duration, String> {
+        parse(text).map_err(|reason| format!("requestTimeout {reason}"))
+    }
+
+    pub fn serialize<S: Serializer>(
+        timeout: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let text = timeout.map(|t| {
+            format!(
+                "{:#}",
+                jiff::SignedDuration::try_from(t).unwrap_or_default()
+            )
+        });
+        match text {
+            Some(text) => serializer.serialize_str(&text),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(deserializer)?
+            .map(|text| parse_field(&text).map_err(D::Error::custom))
+            .transpose()
+    }
 }
 
 /// One deployed version of a service and the endpoints (pod ip:port) that serve it.
@@ -283,6 +341,41 @@ releases:
         assert!(err.column.is_some());
         assert!(err.to_string().starts_with("f.yaml:4:"), "{err}");
         assert!(err.reason.contains("prio"), "{err}");
+    }
+
+    #[test]
+    fn request_timeouts_read_and_write_as_people_write_them() {
+        let yaml = "services:\n  - name: a\n    versions: [{name: v1, primary: true}]\n    \
+                    requestTimeout: 1m30s\n";
+        let config = Config::from_yaml(yaml, "t.yaml").unwrap();
+        let timeout = config.services[0].request_timeout;
+        assert_eq!(timeout, Some(Duration::from_secs(90)));
+        let written = serde_yaml_ng::to_string(&config).unwrap();
+        assert!(written.contains("requestTimeout: 1m 30s"), "{written}");
+        let again = Config::from_yaml(&written, "again.yaml").unwrap();
+        assert_eq!(again.services[0].request_timeout, timeout);
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["services"][0]["requestTimeout"], "1m 30s");
+    }
+
+    #[test]
+    fn zero_or_unreadable_request_timeouts_are_refused_with_the_line() {
+        for (value, reason) in [("0s", "more than zero"), ("soon", "not a duration")] {
+            let yaml = format!(
+                "services:\n  - name: a\n    versions: [{{name: v1, primary: true}}]\n    \
+                 requestTimeout: {value}\n"
+            );
+            // The error points at the service (the YAML parser's custom errors carry the
+            // location of the enclosing mapping) and names the field and the value.
+            let err = Config::from_yaml(&yaml, "t.yaml").unwrap_err();
+            assert_eq!(err.line, Some(2), "{err}");
+            assert!(err.reason.contains(reason), "{err}");
+            assert!(err.to_string().contains("services[0]"), "{err}");
+            assert!(
+                err.reason.contains(&format!("requestTimeout `{value}`")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

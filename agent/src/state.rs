@@ -8,13 +8,14 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use serde::Serialize;
 
 use crate::{
     check::{self, Report},
-    config::Config,
+    config::{Config, DEFAULT_REQUEST_TIMEOUT},
     rules::{CompiledRelease, Ruleset, Tags},
 };
 
@@ -29,6 +30,8 @@ pub struct Snapshot {
     by_address: HashMap<SocketAddr, String>,
     /// Service -> version -> its endpoints.
     endpoints: HashMap<String, HashMap<String, Arc<[Endpoint]>>>,
+    /// Services with a request timeout of their own.
+    request_timeouts: HashMap<String, Duration>,
 }
 
 /// One pod of a version, with the requests in flight to it (for load balancing). The counter
@@ -126,6 +129,11 @@ impl Snapshot {
             .flat_map(|endpoints| endpoints.iter())
             .map(|e| (e.address, e.in_flight.clone()))
             .collect();
+        let request_timeouts = config
+            .services
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.request_timeout?)))
+            .collect();
         let mut by_address = HashMap::new();
         let mut endpoints = HashMap::new();
         for service in &config.services {
@@ -154,6 +162,7 @@ impl Snapshot {
                 primaries,
                 by_address,
                 endpoints,
+                request_timeouts,
             },
             report,
         ))
@@ -169,6 +178,14 @@ impl Snapshot {
         release
             .and_then(|r| r.target(service))
             .or_else(|| self.primaries.get(service).map(String::as_str))
+    }
+
+    /// How long `service`'s versions have to answer with response headers.
+    pub fn request_timeout(&self, service: &str) -> Duration {
+        self.request_timeouts
+            .get(service)
+            .copied()
+            .unwrap_or(DEFAULT_REQUEST_TIMEOUT)
     }
 
     /// The service a caller reached by connecting to `address`.

@@ -35,7 +35,7 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         }
     }
     bail!(
-        "{name} is not built next to {} (cargo build --workspace)",
+        "{name} is not built next to {} (cargo build builds it)",
         exe.display()
     )
 }
@@ -253,6 +253,10 @@ impl Scenario {
             .args([
                 "--listen",
                 &SocketAddr::from((self.node.address, PROXY_PORT)).to_string(),
+            ])
+            .args([
+                "--listen6",
+                &SocketAddr::from((self.node.address6, PROXY_PORT)).to_string(),
             ])
             .args(["--gateway", &self.gateway.to_string()])
             .args(["--admin", &self.admin.to_string()])

@@ -6,7 +6,7 @@ use std::{
     net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use steer_tests::{
@@ -43,22 +43,27 @@ fn curl_from_order(scenario: &Scenario, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-#[test]
-fn a_version_without_endpoints_answers_503_and_never_spills() {
+/// The food-delivery scenario after `edit` changed restaurant's configuration.
+fn with_restaurant(edit: impl FnOnce(&mut steer::config::Service)) -> Scenario {
     let scenario = food_delivery();
     let mut config = scenario.config.clone();
-    let blue = config
-        .services
-        .iter_mut()
-        .find(|s| s.name == "restaurant")
-        .unwrap();
-    blue.versions
-        .iter_mut()
-        .find(|v| v.name == "v2-blue")
-        .unwrap()
-        .endpoints
-        .clear();
+    edit(
+        config
+            .services
+            .iter_mut()
+            .find(|s| s.name == "restaurant")
+            .unwrap(),
+    );
     scenario.apply(&config).unwrap();
+    scenario
+}
+
+#[test]
+fn a_version_without_endpoints_answers_503_and_never_spills() {
+    let scenario = with_restaurant(|restaurant| {
+        let blue = restaurant.versions.iter_mut().find(|v| v.name == "v2-blue");
+        blue.unwrap().endpoints.clear();
+    });
     let out = curl_from_order(
         &scenario,
         &[
@@ -79,23 +84,12 @@ fn a_version_without_endpoints_answers_503_and_never_spills() {
 
 #[test]
 fn a_refused_connection_is_retried_on_another_endpoint_of_the_same_version() {
-    let scenario = food_delivery();
-    let mut config = scenario.config.clone();
-    let restaurant_v1 = config
-        .services
-        .iter_mut()
-        .find(|s| s.name == "restaurant")
-        .unwrap()
-        .versions
-        .iter_mut()
-        .find(|v| v.name == "v1")
-        .unwrap();
-    let live = restaurant_v1.endpoints[0];
-    // Same pod, a port nobody listens on: connections there are refused.
-    restaurant_v1
-        .endpoints
-        .insert(0, SocketAddr::new(live.ip(), 9));
-    scenario.apply(&config).unwrap();
+    let scenario = with_restaurant(|restaurant| {
+        let v1 = restaurant.versions.iter_mut().find(|v| v.name == "v1");
+        let endpoints = &mut v1.unwrap().endpoints;
+        // Same pod, a port nobody listens on: connections there are refused.
+        endpoints.insert(0, SocketAddr::new(endpoints[0].ip(), 9));
+    });
     for _ in 0..20 {
         let hop = scenario.request("order", &[]).unwrap();
         assert_eq!(
@@ -103,6 +97,87 @@ fn a_refused_connection_is_retried_on_another_endpoint_of_the_same_version() {
             "order/v1 -> restaurant/v1 -> delivery/v1",
             "{hop:?}"
         );
+    }
+}
+
+#[test]
+fn a_version_slower_than_its_service_request_timeout_answers_504() {
+    let scenario = with_restaurant(|restaurant| {
+        restaurant.request_timeout = Some(Duration::from_millis(400));
+    });
+    let url = |sleep: u32| format!("http://{}/?sleep={sleep}", restaurant(&scenario));
+    let started = Instant::now();
+    let out = curl_from_order(&scenario, &["-i", &url(3000)]);
+    let took = started.elapsed();
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert!(out.contains("did not answer in time"), "{out}");
+    assert!(out.contains("x-steer-version: v1"), "{out}");
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    let out = curl_from_order(&scenario, &["-i", &url(50)]);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+#[test]
+fn an_endpoint_that_never_answers_the_connect_times_out_with_503() {
+    let scenario = food_delivery();
+    let live = scenario.config.service("restaurant").unwrap().versions[0].endpoints[0];
+    // Inside the restaurant pod, SYNs to port 9 vanish: the connect can only time out.
+    let pod = scenario.node.pod("restaurant-v1");
+    let dropped = pod
+        .exec(Command::new("nft").args(["add table inet blackhole; \
+             add chain inet blackhole input { type filter hook input priority 0; }; \
+             add rule inet blackhole input tcp dport 9 drop"]))
+        .unwrap();
+    assert!(dropped.status.success(), "{dropped:?}");
+    let mut config = scenario.config.clone();
+    let restaurant_v1 = &mut config
+        .services
+        .iter_mut()
+        .find(|s| s.name == "restaurant")
+        .unwrap()
+        .versions[0];
+    assert_eq!(restaurant_v1.name, "v1");
+    restaurant_v1.endpoints = vec![SocketAddr::new(live.ip(), 9)];
+    scenario.apply(&config).unwrap();
+    let started = Instant::now();
+    let out = curl_from_order(
+        &scenario,
+        &["-i", &format!("http://{}/", restaurant(&scenario))],
+    );
+    let took = started.elapsed();
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(out.contains("timed out"), "{out}");
+    // The pool's connect timeout is 2 s; the client gave 10.
+    assert!(
+        took > Duration::from_millis(1500) && took < Duration::from_secs(5),
+        "took {took:?}"
+    );
+}
+
+#[test]
+fn a_service_called_by_its_ipv6_address_is_routed_like_by_its_ipv4_one() {
+    let scenario = food_delivery();
+    let service6: SocketAddr = format!("[fd5f:0:{:x}::20]:80", scenario.node.index)
+        .parse()
+        .unwrap();
+    let mut config = scenario.config.clone();
+    let restaurant = config.services.iter_mut().find(|s| s.name == "restaurant");
+    restaurant.unwrap().addresses.push(service6);
+    scenario.apply(&config).unwrap();
+    for (tags, path) in [
+        (&[][..], "restaurant/v1 -> delivery/v1"),
+        (
+            &["-H", "x-device: android"][..],
+            "restaurant/v2-blue -> delivery/v2-blue",
+        ),
+    ] {
+        let mut args = vec!["-g"];
+        args.extend_from_slice(tags);
+        let url = format!("http://{service6}/");
+        args.push(&url);
+        let out = curl_from_order(&scenario, &args);
+        let hop: Hop = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+        assert_eq!(hop.path(), path);
     }
 }
 

@@ -16,13 +16,15 @@ use k8s_openapi::api::{core::v1::Service as KubeService, discovery::v1::Endpoint
 use super::crd::CanaryRelease;
 use crate::{
     check,
-    config::{Config, MatchKind, Release, Service, Version},
+    config::{Config, MatchKind, Release, Service, Version, timeout_format},
 };
 
 /// Marks a Service as part of the mesh and names its primary version.
 pub const PRIMARY_ANNOTATION: &str = "steer.dev/primary-version";
 /// Overrides, per Service, the pod label whose value is the version.
 pub const VERSION_LABEL_ANNOTATION: &str = "steer.dev/version-label";
+/// The Service's request timeout (`5s`, `1m30s`), like the file format's `requestTimeout`.
+pub const REQUEST_TIMEOUT_ANNOTATION: &str = "steer.dev/request-timeout";
 /// The label EndpointSlices carry with their Service's name.
 const SLICE_SERVICE_LABEL: &str = "kubernetes.io/service-name";
 
@@ -176,6 +178,17 @@ fn mesh_services(cluster: &Cluster, default_label: &str) -> Vec<(String, Service
         let label = annotations
             .get(VERSION_LABEL_ANNOTATION)
             .map_or(default_label, String::as_str);
+        // A bad value must not take the Service out of the mesh: it keeps the default.
+        let request_timeout = annotations
+            .get(REQUEST_TIMEOUT_ANNOTATION)
+            .and_then(|text| {
+                timeout_format::parse(text)
+                    .inspect_err(|reason| {
+                        tracing::warn!(service = %name, namespace = %namespace, %reason,
+                        "annotation {REQUEST_TIMEOUT_ANNOTATION} ignored");
+                    })
+                    .ok()
+            });
         let spec = service.spec.clone().unwrap_or_default();
         let cluster_ips: Vec<IpAddr> = spec
             .cluster_ips
@@ -246,6 +259,7 @@ fn mesh_services(cluster: &Cluster, default_label: &str) -> Vec<(String, Service
                             endpoints: endpoints.into_iter().collect(),
                         })
                         .collect(),
+                    request_timeout,
                 },
             ));
         }

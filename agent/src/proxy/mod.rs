@@ -7,11 +7,7 @@ mod l4;
 mod pool;
 pub mod stamp;
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -55,8 +51,6 @@ pub enum Listener {
 
 /// Request headers larger than this are refused with 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// The whole exchange with the upstream, up to its response headers.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -401,8 +395,9 @@ async fn forward(
         }
     };
     let _in_flight = endpoint.start();
+    // The whole exchange with the upstream, up to its response headers.
     let sent = tokio::time::timeout(
-        RESPONSE_TIMEOUT,
+        snapshot.request_timeout(decision.service),
         proxy.pool.send(endpoint.address, upstream, request),
     )
     .await;

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -311,6 +313,37 @@ fn the_version_label_can_be_set_per_service() {
     let translation = translate(&cluster, "version").unwrap();
     assert_eq!(verdict(&translation, "food/green").state, State::Accepted);
     assert_eq!(verdict(&translation, "food/red").reason, "UnknownVersion");
+}
+
+#[test]
+fn a_service_sets_its_request_timeout_and_a_bad_value_keeps_the_default() {
+    let mut cluster = cluster(FOOD_DELIVERY);
+    for service in &mut cluster.services {
+        let timeout = match service.metadata.name.as_deref() {
+            Some("delivery") => "1500ms",
+            Some("restaurant") => "0s",
+            _ => continue,
+        };
+        service
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(REQUEST_TIMEOUT_ANNOTATION.into(), timeout.into());
+    }
+    let translation = translate(&cluster, "version").unwrap();
+    let timeout = |name: &str| translation.config.service(name).unwrap().request_timeout;
+    assert_eq!(timeout("delivery.food"), Some(Duration::from_millis(1500)));
+    assert_eq!(timeout("restaurant.food"), None, "0s is refused");
+    assert_eq!(timeout("order.food"), None);
+    let snapshot = snapshot(&translation);
+    assert_eq!(
+        snapshot.request_timeout("delivery.food"),
+        Duration::from_millis(1500)
+    );
+    assert_eq!(
+        snapshot.request_timeout("restaurant.food"),
+        crate::config::DEFAULT_REQUEST_TIMEOUT
+    );
 }
 
 #[test]
