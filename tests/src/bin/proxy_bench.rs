@@ -108,6 +108,8 @@ const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nhost: bench\r\nuser-agent: proxy-benc
 x-device: ios\r\nx-user-id: 42\r\n\r\n";
 const BODY: &str = "hello from the bench upstream\n";
 const WARM_UP: Duration = Duration::from_secs(1);
+/// Valid edits of steer's configuration file, timed until they serve.
+const RELOADS: usize = 20;
 
 const UPSTREAM_PORT: u16 = 8080;
 const STEER_PORT: u16 = 15001;
@@ -590,16 +592,62 @@ fn start_steer(
         .as_sequence_mut()
         .context("the example has services")?
         .push(service);
-    std::fs::write(&config, serde_yaml_ng::to_string(&yaml)?)?;
+    write_and_wait(&config, &yaml, admin, "\"bench\"", true)?;
+    Ok((steer, idle_kb))
+}
+
+/// Writes `yaml` to the configuration file and waits until the admin server's `/config` does
+/// (or, `present` false, no longer does) contain `marker`: the time a live reload takes.
+fn write_and_wait(
+    config: &Path,
+    yaml: &serde_yaml_ng::Value,
+    admin: SocketAddr,
+    marker: &str,
+    present: bool,
+) -> Result<Duration> {
+    std::fs::write(config, serde_yaml_ng::to_string(yaml)?)?;
     let started = Instant::now();
-    while !http::get(admin, "/config", &[]).is_ok_and(|r| r.body.contains("\"bench\"")) {
+    while http::get(admin, "/config", &[]).map(|r| r.body.contains(marker))? != present {
         ensure!(
             started.elapsed() < Duration::from_secs(5),
-            "steer run did not load the bench service"
+            "steer run did not apply the edit ({marker})"
         );
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(1));
     }
-    Ok((steer, idle_kb))
+    Ok(started.elapsed())
+}
+
+/// Reload latencies of `edits` valid edits (a service added, then removed again), sorted.
+fn reloads(config: &Path, admin: SocketAddr, edits: usize) -> Result<Vec<Duration>> {
+    let text = std::fs::read_to_string(config)?;
+    let resting: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)?;
+    let mut edited = resting.clone();
+    let probe: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str("{ name: reload-probe, versions: [{ name: v1, primary: true }] }")?;
+    edited["services"]
+        .as_sequence_mut()
+        .context("the configuration has services")?
+        .push(probe);
+    let mut took = Vec::new();
+    for edit in 0..edits {
+        let (yaml, present) = if edit % 2 == 0 {
+            (&edited, true)
+        } else {
+            (&resting, false)
+        };
+        // Files are compared by modification time: let the clock move on between edits, by
+        // varying amounts, so that the edits land at every phase of the agent's file polling.
+        std::thread::sleep(Duration::from_millis(30 + (edit as u64 * 7) % 25));
+        took.push(write_and_wait(
+            config,
+            yaml,
+            admin,
+            "reload-probe",
+            present,
+        )?);
+    }
+    took.sort_unstable();
+    Ok(took)
 }
 
 fn start_nginx(
@@ -794,6 +842,9 @@ fn benchmark(options: &Options) -> Result<()> {
     std::fs::create_dir_all(&dir.0)?;
     let (mut steer, steer_idle_kb) =
         start_steer(&node, &dir.0, &proxy_cpus, workers, upstream, mesh)?;
+    eprintln!("proxy-bench: {RELOADS} live reloads of steer's configuration file");
+    let steer_admin = SocketAddr::from((node.address, STEER_ADMIN_PORT));
+    let reload_times = reloads(&dir.0.join("steer.yaml"), steer_admin, RELOADS)?;
     let nginx_address = SocketAddr::from((node.address, NGINX_PORT));
     let haproxy_address = SocketAddr::from((node.address, HAPROXY_PORT));
     let nginx = start_nginx(&dir.0, &proxy_cpus, workers, nginx_address, upstream)?;
@@ -947,6 +998,13 @@ fn benchmark(options: &Options) -> Result<()> {
         println!("{what:<46} {:>10.1}", mb(kb));
     }
 
+    let reload_median = reload_times[reload_times.len() / 2];
+    let reload_max = reload_times[reload_times.len() - 1];
+    println!(
+        "\nlive reload of steer's configuration file, write to served ({RELOADS} edits): \
+         median {reload_median:.1?}, max {reload_max:.1?}"
+    );
+
     let added_p50 = steer_case.percentile(0.5) - direct.percentile(0.5);
     let added_p99 = steer_case.percentile(0.99) - direct.percentile(0.99);
     let goals = [
@@ -972,6 +1030,11 @@ fn benchmark(options: &Options) -> Result<()> {
             "steer idle memory under 20 MB".to_string(),
             format!("{:.1} MB", mb(steer_idle_kb)),
             steer_idle_kb < 20 * 1024,
+        ),
+        (
+            "a valid edit serves within 100 ms".to_string(),
+            format!("max {reload_max:.1?}"),
+            reload_max < Duration::from_millis(100),
         ),
     ];
     println!("\ngoals");
