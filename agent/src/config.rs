@@ -3,7 +3,13 @@
 //! The YAML file format. Its matchers are also the Kubernetes resource's (`kubernetes::crd`), so
 //! field names are camelCase and unknown fields are rejected: a typo must not silently drop a rule.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -19,6 +25,12 @@ pub struct Config {
     /// How the gateway listener (north-south entry) picks the first service.
     #[serde(default, skip_serializing_if = "Gateway::is_empty")]
     pub gateway: Gateway,
+    /// cgroups (v2) whose connections are never redirected to the proxy: a pod's cgroup
+    /// covers its containers. Absolute, or relative to the cgroup the agent attaches to
+    /// (`--cgroup`). A cgroup that does not exist when the configuration applies is skipped
+    /// with a warning.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub opt_out_cgroups: Vec<PathBuf>,
     /// Response headers naming the service, version and release that served (for debugging).
     #[serde(default = "enabled", skip_serializing_if = "Clone::clone")]
     pub debug_headers: bool,
@@ -241,6 +253,7 @@ impl Default for Config {
             services: Vec::new(),
             releases: Vec::new(),
             gateway: Gateway::default(),
+            opt_out_cgroups: Vec::new(),
             debug_headers: true,
         }
     }
@@ -356,6 +369,15 @@ releases:
         assert_eq!(again.services[0].request_timeout, timeout);
         let json = serde_json::to_value(&config).unwrap();
         assert_eq!(json["services"][0]["requestTimeout"], "1m 30s");
+    }
+
+    #[test]
+    fn opt_out_cgroups_are_paths_and_absent_by_default() {
+        let config = Config::from_yaml("optOutCgroups: [pod-a, /sys/fs/cgroup/b]\n", "t.yaml");
+        let paths = config.unwrap().opt_out_cgroups;
+        assert_eq!(paths, [PathBuf::from("pod-a"), "/sys/fs/cgroup/b".into()]);
+        let written = serde_yaml_ng::to_string(&Config::default()).unwrap();
+        assert!(!written.contains("optOut"), "{written}");
     }
 
     #[test]

@@ -89,14 +89,21 @@ impl Applier {
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()
         {
-            datapath
-                .set_services(&snapshot.service_addresses())
-                .context("cannot update the datapath")?;
+            install(datapath, &snapshot).context("cannot update the datapath")?;
         }
         self.state.store(Arc::new(snapshot));
         info!(source = origin, "configuration applied");
         Ok(())
     }
+}
+
+/// Puts a snapshot's service addresses and opt-out cgroups into the datapath's maps.
+fn install(datapath: &mut Datapath, snapshot: &Snapshot) -> Result<()> {
+    datapath.set_services(&snapshot.service_addresses())?;
+    for cgroup in datapath.set_opt_out(&snapshot.config.opt_out_cgroups)? {
+        warn!(cgroup = %cgroup.display(), "opt-out cgroup does not exist; skipped");
+    }
+    Ok(())
 }
 
 async fn bind(address: SocketAddr, what: &str) -> Result<TcpListener> {
@@ -159,7 +166,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             proxy_v4,
             proxy_v6,
         })?;
-        datapath.set_services(&snapshot.service_addresses())?;
+        install(&mut datapath, &snapshot)?;
         datapath.forward_logs()?;
         // Loading parsed the kernel's BTF (~15 MB of heap, freed since): hand those pages back
         // to the kernel, or an idle agent keeps them resident on every node.

@@ -182,6 +182,40 @@ fn a_service_called_by_its_ipv6_address_is_routed_like_by_its_ipv4_one() {
 }
 
 #[test]
+fn an_opted_out_pod_takes_the_kube_proxy_path_until_it_opts_back_in() {
+    let scenario = food_delivery();
+    let ask = || {
+        let url = format!("http://{}/", restaurant(&scenario));
+        curl_from_order(&scenario, &["-i", "-H", "x-device: android", &url])
+    };
+    assert!(ask().contains("x-steer-version: v2-blue"));
+
+    let mut config = scenario.config.clone();
+    let order = &scenario.node.pod("order-v1").cgroup;
+    config.opt_out_cgroups = vec![
+        // Relative to the cgroup the agent attaches to.
+        order.strip_prefix(&scenario.node.cgroup).unwrap().into(),
+        // A pod that is gone: skipped, the rest applies.
+        scenario.node.cgroup.join("pod-gone"),
+    ];
+    scenario.apply(&config).unwrap();
+    let out = ask();
+    // kube-proxy's DNAT took the service address to a primary pod; no proxy was on the way.
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(!out.contains("x-steer-"), "{out}");
+    let body = out.split_once("\r\n\r\n").unwrap().1;
+    let hop: Hop = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        (hop.service.as_str(), hop.version.as_str()),
+        ("restaurant", "v1")
+    );
+
+    config.opt_out_cgroups.clear();
+    scenario.apply(&config).unwrap();
+    assert!(ask().contains("x-steer-version: v2-blue"));
+}
+
+#[test]
 fn h2c_requests_are_proxied_over_http2() {
     let scenario = food_delivery();
     let out = curl_from_order(

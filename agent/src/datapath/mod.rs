@@ -47,6 +47,8 @@ pub struct Datapath {
     // Field order matters for drop: maps and logger before the programs' object.
     services: HashMap<MapData, SockKey, u8>,
     opt_out: HashMap<MapData, u64, u8>,
+    /// The cgroup the programs are attached to: relative opt-out paths are below it.
+    root: PathBuf,
     installed: HashSet<SocketAddr>,
     originals: OriginalDestinations,
     by_cookie: HashMap<MapData, u64, SockKey>,
@@ -106,13 +108,6 @@ pub fn cgroup2_root() -> Result<PathBuf> {
         })
         .next()
         .context("no cgroup v2 hierarchy is mounted (looked for a cgroup2 entry in /proc/mounts)")
-}
-
-/// The cgroup v2 id of a cgroup directory (its inode number), as the programs see it.
-pub fn cgroup_id(path: &Path) -> Result<u64> {
-    Ok(std::fs::metadata(path)
-        .with_context(|| format!("cgroup {}", path.display()))?
-        .ino())
 }
 
 fn open_cgroup(path: &Path) -> Result<File> {
@@ -244,6 +239,7 @@ impl Datapath {
         Ok(Datapath {
             services: take_hash(&mut ebpf, maps::SERVICES)?,
             opt_out: take_hash(&mut ebpf, maps::OPT_OUT)?,
+            root: options.cgroup.clone(),
             installed: HashSet::new(),
             originals: OriginalDestinations {
                 by_client: Arc::new(Mutex::new(take_hash(&mut ebpf, maps::BY_CLIENT)?)),
@@ -274,20 +270,33 @@ impl Datapath {
     }
 
     /// Pods whose connections are never redirected, by cgroup (a pod's cgroup covers its
-    /// containers' cgroups below it).
-    pub fn set_opt_out(&mut self, cgroups: &[PathBuf]) -> Result<()> {
-        let wanted: HashSet<u64> = cgroups
-            .iter()
-            .map(|path| cgroup_id(path))
-            .collect::<Result<_>>()?;
+    /// containers' cgroups below it): absolute paths, or relative to the attach cgroup.
+    /// Returns the cgroups that do not exist (a pod that is gone), which are left out.
+    pub fn set_opt_out(&mut self, cgroups: &[PathBuf]) -> Result<Vec<PathBuf>> {
+        let mut missing = Vec::new();
+        let mut wanted = HashSet::new();
+        for path in cgroups.iter().map(|path| self.root.join(path)) {
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_dir() => {
+                    wanted.insert(meta.ino());
+                }
+                Ok(_) => bail!("opt-out cgroup {} is not a directory", path.display()),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => missing.push(path),
+                Err(err) => {
+                    return Err(err).with_context(|| format!("opt-out cgroup {}", path.display()));
+                }
+            }
+        }
         let current: Vec<u64> = self.opt_out.keys().collect::<Result<_, _>>()?;
         for id in current.iter().filter(|id| !wanted.contains(id)) {
             self.opt_out.remove(id)?;
         }
         for id in &wanted {
-            self.opt_out.insert(id, 1, 0)?;
+            self.opt_out
+                .insert(id, 1, 0)
+                .context("the opt-out map is full")?;
         }
-        Ok(())
+        Ok(missing)
     }
 
     /// Forwards the programs' diagnostics to the log from a tokio task (call once, inside a

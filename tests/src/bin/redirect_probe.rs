@@ -52,7 +52,8 @@ fn main() -> Result<()> {
         proxy_v6,
     })?;
     datapath.set_services(&services)?;
-    datapath.set_opt_out(&opt_out.iter().map(PathBuf::from).collect::<Vec<_>>())?;
+    let missing = datapath.set_opt_out(&opt_out.iter().map(PathBuf::from).collect::<Vec<_>>())?;
+    anyhow::ensure!(missing.is_empty(), "no such cgroup: {missing:?}");
     let originals = datapath.original_destinations();
 
     let listeners: Vec<TcpListener> = std::iter::once(listen4)
