@@ -126,6 +126,8 @@ impl Cli {
                         version_label,
                         identity: node_name,
                         lease_namespace,
+                        // The agent fills it in once the datapath is attached.
+                        cgroup_root: None,
                     }),
                 },
                 listen,

@@ -229,11 +229,19 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let source = match (&options.source, kubernetes) {
         (Source::File(path), _) => tokio::spawn(watch_file(path.clone(), applier)),
         (Source::Kubernetes(kube_options), Some(client)) => {
+            let kube_options = KubernetesOptions {
+                cgroup_root: datapath
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map(|d| d.cgroup().to_path_buf()),
+                ..kube_options.clone()
+            };
             let apply: kubernetes::Apply =
                 Box::new(move |config| applier.apply(config, "kubernetes"));
             tokio::spawn(kubernetes::run(
                 client,
-                kube_options.clone(),
+                kube_options,
                 apply,
                 metrics.clone(),
                 drain.clone(),

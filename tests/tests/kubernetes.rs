@@ -5,6 +5,7 @@
 
 use std::{
     path::PathBuf,
+    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -87,6 +88,7 @@ fn start_source(server: &ApiServer) -> Source {
         version_label: "version".into(),
         identity: "node-1".into(),
         lease_namespace: "steer-system".into(),
+        cgroup_root: None,
     };
     let apply: kubernetes::Apply = Box::new(move |config| {
         let config = config?;
@@ -464,4 +466,53 @@ fn steer_run_kubernetes_routes_the_seed_from_cluster_objects() {
         let name = format!("{}/{name}", Cluster::NAMESPACE);
         assert!(patched.contains(&name), "{name} has no status: {patched:?}");
     }
+}
+
+#[test]
+fn a_pod_annotated_out_of_redirection_takes_the_kube_proxy_path() {
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/food-delivery.yaml");
+    let scenario = Scenario::deploy_kubernetes(&fixture, FOOD_CHAIN, Node::new().unwrap()).unwrap();
+    let restaurant = scenario.config.service("restaurant").unwrap().addresses[0];
+    let redirected = || {
+        let output = scenario
+            .node
+            .pod("order-v1")
+            .exec(Command::new("curl").args([
+                "-s",
+                "-i",
+                "--max-time",
+                "10",
+                "-H",
+                "x-device: android",
+                &format!("http://{restaurant}/"),
+            ]))
+            .unwrap();
+        let out = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out.contains("x-steer-version: v2-blue")
+    };
+    let order_pod = |annotations: Value| {
+        // The test bed names a pod's cgroup `pod-<name>`: a UID of `-<name>` makes that the
+        // kubelet's `pod<uid>`.
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "order-v1-0", "namespace": Cluster::NAMESPACE,
+                         "uid": "-order-v1", "annotations": annotations,
+                         "labels": {"app": "order", "version": "v1"}},
+        })
+    };
+    let wait_until = |want: bool, what: &str| {
+        let started = Instant::now();
+        while redirected() != want {
+            assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert!(redirected());
+    let server = &scenario.kubernetes.as_ref().unwrap().server;
+    server.put(order_pod(json!({"steer.dev/redirect": "disabled"})));
+    wait_until(false, "the annotation never took the pod out of the mesh");
+    server.put(order_pod(json!({})));
+    wait_until(true, "the pod never came back into the mesh");
 }

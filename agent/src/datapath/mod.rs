@@ -269,6 +269,11 @@ impl Datapath {
         Ok(())
     }
 
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.root
+    }
+
     /// Pods whose connections are never redirected, by cgroup (a pod's cgroup covers its
     /// containers' cgroups below it): absolute paths, or relative to the attach cgroup.
     /// Returns the cgroups that do not exist (a pod that is gone), which are left out.

@@ -8,12 +8,14 @@
 
 pub mod crd;
 pub mod leader;
+pub mod opt_out;
 pub mod status;
 pub mod translate;
 
 use std::{
     fmt::Debug,
     hash::Hash,
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -62,6 +64,9 @@ pub struct KubernetesOptions {
     pub identity: String,
     /// Where the election's Lease lives (the agent's own namespace).
     pub lease_namespace: String,
+    /// The cgroup the datapath attaches to, below which opted-out pods' cgroups are looked
+    /// for; `None` without the datapath.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// Puts a built configuration in force, or records why none could be built; an error keeps
@@ -172,6 +177,7 @@ async fn follow(
     // The cluster last applied, and the one whose verdicts this agent last wrote in full: our
     // own status writes come back as events that change neither, and cost no rebuild.
     let mut applied: Option<Arc<Cluster>> = None;
+    let mut applied_opt_out: Vec<PathBuf> = Vec::new();
     let mut written: Option<Arc<Cluster>> = None;
     loop {
         let current = releases.state();
@@ -188,12 +194,25 @@ async fn follow(
                     (key, p.labels().clone())
                 })
                 .collect(),
+            opted_out: pods
+                .state()
+                .iter()
+                .filter(|p| opt_out::opts_out(p.annotations()))
+                .filter_map(|p| p.uid())
+                .collect(),
         });
+        // Looked for again on every round: a pod's cgroup appears a little after the pod.
+        let opt_out = options
+            .cgroup_root
+            .as_deref()
+            .map_or_else(Vec::new, |root| {
+                opt_out::pod_cgroups(root, &cluster.opted_out)
+            });
         let leading_now = leading.load(Ordering::Relaxed);
         if !leading_now {
             written = None;
         }
-        let apply_due = applied.as_ref() != Some(&cluster);
+        let apply_due = applied.as_ref() != Some(&cluster) || applied_opt_out != opt_out;
         let status_due = leading_now && written.as_ref() != Some(&cluster);
         if apply_due || status_due {
             match translate(&cluster, &options.version_label) {
@@ -206,8 +225,13 @@ async fn follow(
                         })
                         .collect();
                     metrics.releases_by_state(&counts);
-                    if apply_due && apply(Ok(translation.config)).is_ok() {
+                    let config = Config {
+                        opt_out_cgroups: opt_out.clone(),
+                        ..translation.config
+                    };
+                    if apply_due && apply(Ok(config)).is_ok() {
                         applied = Some(cluster.clone());
+                        applied_opt_out = opt_out.clone();
                     }
                     if status_due
                         && write_statuses(client, metrics, &current, &translation.verdicts).await
@@ -219,14 +243,17 @@ async fn follow(
                     // The same objects would fail the same way: wait for a change.
                     let _ = apply(Err(err));
                     applied = Some(cluster.clone());
+                    applied_opt_out = opt_out.clone();
                     written = Some(cluster.clone());
                 }
             }
         }
         let pending = applied.as_ref() != Some(&cluster)
             || (leading_now && written.as_ref() != Some(&cluster));
-        if pending {
-            // A datapath update or a status write failed: again soon, events or not.
+        let awaiting_cgroups = options.cgroup_root.is_some() && !cluster.opted_out.is_empty();
+        if pending || awaiting_cgroups {
+            // A datapath update or a status write failed, or opted-out pods may start here:
+            // again soon, events or not.
             let _ = tokio::time::timeout(RETRY, changed.notified()).await;
         } else {
             changed.notified().await;

@@ -38,6 +38,8 @@ pub struct Cluster {
     pub services: Vec<KubeService>,
     pub slices: Vec<EndpointSlice>,
     pub pods: PodLabels,
+    /// The UIDs of the pods annotated out of redirection (`opt_out`).
+    pub opted_out: BTreeSet<String>,
 }
 
 /// What became of one CanaryRelease.
