@@ -188,6 +188,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         pool: Pool::default(),
         metrics: metrics.clone(),
     });
+    proxy.pool.purge_periodically();
     let admin = Arc::new(Admin {
         state: state.clone(),
         metrics: metrics.clone(),

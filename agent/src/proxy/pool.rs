@@ -21,6 +21,8 @@ use tracing::debug;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
+/// How often connections their endpoints closed leave the pool.
+pub const PURGE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A connection ready to carry one request.
 pub enum Upstream {
@@ -74,6 +76,35 @@ impl Pool {
             }
         }
         self.connect(endpoint, http2).await
+    }
+
+    /// Drops the pooled connections their endpoints have closed, and so the entries of
+    /// endpoints that are gone: pods come and go, and a pool that kept an entry for every
+    /// pod it ever called would grow for as long as the agent runs.
+    pub fn purge_closed(&self) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, list| {
+                list.retain(|sender| !sender.is_closed());
+                !list.is_empty()
+            });
+        self.multiplexed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, sender| !sender.is_closed());
+    }
+
+    /// Purges every `PURGE_INTERVAL`, for as long as the runtime runs.
+    pub fn purge_periodically(&self) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(PURGE_INTERVAL);
+            loop {
+                ticks.tick().await;
+                pool.purge_closed();
+            }
+        });
     }
 
     /// A new connection (for HTTP/2, it becomes the endpoint's shared one).
@@ -153,6 +184,102 @@ impl Pool {
                 });
                 Ok(response)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper::{server::conn::http1 as server, service::service_fn};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    async fn listen() -> (TcpListener, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        (listener, address)
+    }
+
+    /// Serves one keep-alive connection with `service`; the task ends the connection when
+    /// it is aborted.
+    fn serve_one<S>(listener: TcpListener, service: S) -> tokio::task::JoinHandle<()>
+    where
+        S: hyper::service::Service<Request<Incoming>, Response = Response<Empty<Bytes>>>
+            + Send
+            + 'static,
+        S::Future: Send,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let _ = server::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        })
+    }
+
+    #[tokio::test]
+    async fn connections_their_endpoint_closed_leave_the_pool() {
+        let (upstream_listener, upstream) = listen().await;
+        let upstream_server = serve_one(
+            upstream_listener,
+            service_fn(|_| async { Ok::<_, Infallible>(Response::new(Empty::new())) }),
+        );
+        // A front server that sends what it receives through the pool: the pool only carries
+        // requests that arrived over a connection.
+        let pool = Pool::default();
+        let (front_listener, front) = listen().await;
+        let front_pool = pool.clone();
+        let _front = serve_one(
+            front_listener,
+            service_fn(move |request: Request<Incoming>| {
+                let pool = front_pool.clone();
+                async move {
+                    let upstream_connection = pool.get(upstream, false).await.unwrap();
+                    let response = pool.send(upstream, upstream_connection, request).await;
+                    let status = response.unwrap().status();
+                    let mut answer = Response::new(Empty::new());
+                    *answer.status_mut() = status;
+                    Ok::<_, Infallible>(answer)
+                }
+            }),
+        );
+        let stream = TcpStream::connect(front).await.unwrap();
+        let (mut client, connection) = http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .uri("/")
+            .header("host", "test")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(client.send_request(request).await.unwrap().status(), 200);
+
+        let idle = || {
+            pool.idle
+                .lock()
+                .unwrap()
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while idle() != 1 {
+            assert!(tokio::time::Instant::now() < deadline, "never pooled");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        pool.purge_closed();
+        assert_eq!(idle(), 1, "an open connection stays");
+
+        upstream_server.abort();
+        while !pool.idle.lock().unwrap().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "never purged");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            pool.purge_closed();
         }
     }
 }
