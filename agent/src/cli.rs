@@ -49,17 +49,17 @@ enum Command {
         /// With --kubernetes: the namespace of the election's Lease (the agent's own).
         #[arg(long, env = "POD_NAMESPACE", default_value = "steer-system")]
         lease_namespace: String,
-        /// Where redirected pod connections arrive (an IPv4 address of the node).
+        /// Where redirected pod connections arrive: addresses of the node, at most one per IP
+        /// family, comma-separated (`10.0.0.5:15001,[fd00::5]:15001`; a bare IP takes port
+        /// 15001). Connections of a family without one are not redirected.
         #[arg(long)]
-        listen: std::net::SocketAddr,
-        /// Where redirected IPv6 connections arrive.
-        #[arg(long)]
-        listen6: Option<std::net::SocketAddr>,
+        listen: crate::run::ListenAddresses,
         /// The admin server (health, readiness, metrics, config, explain).
         #[arg(long, default_value_t = crate::admin::default_address())]
         admin: std::net::SocketAddr,
-        /// The north-south entry: incoming stamps are removed, the rules decide.
-        #[arg(long)]
+        /// The north-south entry: incoming stamps are removed, the rules decide (IP:PORT, or
+        /// a bare IP: port 15080).
+        #[arg(long, value_parser = crate::run::gateway_address)]
         gateway: Option<std::net::SocketAddr>,
         /// The cgroup v2 directory to attach the programs to (default: the root).
         #[arg(long)]
@@ -113,7 +113,6 @@ impl Cli {
                 node_name,
                 lease_namespace,
                 listen,
-                listen6,
                 admin,
                 gateway,
                 cgroup,
@@ -131,7 +130,6 @@ impl Cli {
                     }),
                 },
                 listen,
-                listen6,
                 admin,
                 gateway,
                 cgroup,

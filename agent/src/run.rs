@@ -3,13 +3,13 @@
 //! configuration file live, and drains on SIGTERM.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
@@ -40,8 +40,7 @@ pub enum Source {
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub source: Source,
-    pub listen: SocketAddr,
-    pub listen6: Option<SocketAddr>,
+    pub listen: ListenAddresses,
     pub admin: SocketAddr,
     pub gateway: Option<SocketAddr>,
     /// Where to attach the programs; `None`: the cgroup v2 root.
@@ -49,6 +48,68 @@ pub struct RunOptions {
     /// Serve without the eBPF datapath (the proxy alone, e.g. behind the gateway only).
     pub no_ebpf: bool,
     pub drain_grace: Duration,
+}
+
+/// Where redirected pod connections arrive: an address of the node per IP family the pods
+/// use. Connections of a family without one are left to the cluster's service path.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenAddresses {
+    pub v4: Option<SocketAddrV4>,
+    pub v6: Option<SocketAddrV6>,
+}
+
+/// The ports of addresses given without one.
+pub const DEFAULT_LISTEN_PORT: u16 = 15001;
+pub const DEFAULT_GATEWAY_PORT: u16 = 15080;
+
+/// `IP:PORT`, `[IPv6]:PORT`, or a bare IP with `default_port`: the downward API gives a
+/// node's IPs without ports, and an IPv6 one cannot simply be followed by `:PORT`.
+pub fn address_or_ip(text: &str, default_port: u16) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| {
+            text.parse::<IpAddr>()
+                .map(|ip| SocketAddr::new(ip, default_port))
+        })
+        .map_err(|_| format!("`{text}` is not an IP address or IP:PORT"))
+}
+
+pub fn gateway_address(text: &str) -> Result<SocketAddr, String> {
+    address_or_ip(text, DEFAULT_GATEWAY_PORT)
+}
+
+impl std::str::FromStr for ListenAddresses {
+    type Err = String;
+
+    /// Comma-separated `IP:PORT`, `[IPv6]:PORT` or bare IPs (port 15001), at most one per
+    /// family: a DaemonSet passes the node's `status.hostIPs` as they come.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut addresses = ListenAddresses { v4: None, v6: None };
+        for part in text.split(',').map(str::trim) {
+            let address = address_or_ip(part, DEFAULT_LISTEN_PORT)?;
+            let taken = match address {
+                SocketAddr::V4(v4) => addresses.v4.replace(v4).is_some(),
+                SocketAddr::V6(v6) => addresses.v6.replace(v6).is_some(),
+            };
+            if taken {
+                return Err(format!("`{text}` has two addresses of one IP family"));
+            }
+        }
+        Ok(addresses)
+    }
+}
+
+impl ListenAddresses {
+    fn all(&self) -> impl Iterator<Item = SocketAddr> {
+        let v4 = self.v4.map(SocketAddr::V4);
+        v4.into_iter().chain(self.v6.map(SocketAddr::V6))
+    }
+}
+
+impl std::fmt::Display for ListenAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let all: Vec<String> = self.all().map(|a| a.to_string()).collect();
+        f.write_str(&all.join(","))
+    }
 }
 
 /// Puts configurations in force: the datapath's service map first, then the snapshot, so a
@@ -135,11 +196,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
             (snapshot, Some(client))
         }
     };
-    let listener = bind(options.listen, "--listen").await?;
-    let listener6 = match options.listen6 {
-        Some(address) => Some(bind(address, "--listen6").await?),
-        None => None,
-    };
+    let mut redirected = Vec::new();
+    for address in options.listen.all() {
+        redirected.push(bind(address, "--listen").await?);
+    }
     let gateway = match options.gateway {
         Some(address) => Some(bind(address, "--gateway").await?),
         None => None,
@@ -149,22 +209,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut datapath = if options.no_ebpf {
         None
     } else {
-        let SocketAddr::V4(proxy_v4) = options.listen else {
-            bail!("--listen must be an IPv4 address (use --listen6 for IPv6)");
-        };
-        let proxy_v6 = match options.listen6 {
-            Some(SocketAddr::V6(v6)) => Some(v6),
-            Some(_) => bail!("--listen6 must be an IPv6 address"),
-            None => None,
-        };
         let cgroup = match &options.cgroup {
             Some(cgroup) => cgroup.clone(),
             None => crate::datapath::cgroup2_root()?,
         };
         let mut datapath = Datapath::attach(&DatapathOptions {
             cgroup,
-            proxy_v4,
-            proxy_v6,
+            proxy_v4: options.listen.v4,
+            proxy_v6: options.listen.v6,
         })?;
         install(&mut datapath, &snapshot)?;
         datapath.forward_logs()?;
@@ -204,20 +256,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
     tokio::spawn(admin::serve(admin.clone(), admin_listener));
 
     let (trigger, drain) = drain::channel();
-    let mut listeners = vec![tokio::spawn(proxy::serve(
-        proxy.clone(),
-        listener,
-        Listener::Redirect,
-        drain.clone(),
-    ))];
-    if let Some(listener6) = listener6 {
-        listeners.push(tokio::spawn(proxy::serve(
-            proxy.clone(),
-            listener6,
-            Listener::Redirect,
-            drain.clone(),
-        )));
-    }
+    let mut listeners: Vec<_> = redirected
+        .into_iter()
+        .map(|listener| {
+            let serving = proxy::serve(proxy.clone(), listener, Listener::Redirect, drain.clone());
+            tokio::spawn(serving)
+        })
+        .collect();
     if let Some(gateway) = gateway {
         listeners.push(tokio::spawn(proxy::serve(
             proxy.clone(),
@@ -290,5 +335,31 @@ async fn watch_file(path: PathBuf, applier: Applier) {
         seen = now;
         // Logged and counted by the applier.
         let _ = applier.apply(Config::load(&path).map_err(Into::into), &origin);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_take_one_address_per_family_with_or_without_a_port() {
+        let both: ListenAddresses = "10.0.0.5:15001, [fd00::5]:16001".parse().unwrap();
+        assert_eq!(both.v4, Some("10.0.0.5:15001".parse().unwrap()));
+        assert_eq!(both.v6, Some("[fd00::5]:16001".parse().unwrap()));
+        assert_eq!(both.to_string(), "10.0.0.5:15001,[fd00::5]:16001");
+        // As the downward API gives status.hostIPs: bare, comma-separated.
+        let bare: ListenAddresses = "fd00::5,10.0.0.5".parse().unwrap();
+        assert_eq!(bare.to_string(), "10.0.0.5:15001,[fd00::5]:15001");
+        let v6_only: ListenAddresses = "fd00::5".parse().unwrap();
+        assert_eq!(v6_only.v4, None);
+        let err = "10.0.0.5,10.0.0.6".parse::<ListenAddresses>().unwrap_err();
+        assert!(err.contains("two addresses of one IP family"), "{err}");
+        let err = "node-1:15001".parse::<ListenAddresses>().unwrap_err();
+        assert!(err.contains("`node-1:15001` is not an IP address"), "{err}");
+        assert_eq!(
+            gateway_address("fd00::5"),
+            Ok("[fd00::5]:15080".parse().unwrap())
+        );
     }
 }

@@ -252,11 +252,11 @@ impl Scenario {
         command
             .args([
                 "--listen",
-                &SocketAddr::from((self.node.address, PROXY_PORT)).to_string(),
-            ])
-            .args([
-                "--listen6",
-                &SocketAddr::from((self.node.address6, PROXY_PORT)).to_string(),
+                &format!(
+                    "{},{}",
+                    SocketAddr::from((self.node.address, PROXY_PORT)),
+                    SocketAddr::from((self.node.address6, PROXY_PORT))
+                ),
             ])
             .args(["--gateway", &self.gateway.to_string()])
             .args(["--admin", &self.admin.to_string()])

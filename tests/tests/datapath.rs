@@ -43,10 +43,21 @@ fn bed() -> Bed {
 
 /// The probe agent, attached to the bed's cgroup, redirecting `services`.
 fn probe(node: &Node, services: &[SocketAddr], opt_out: &[&str]) -> Process {
+    let listen4 = SocketAddr::from((node.address, PROXY_PORT)).to_string();
+    probe_listening(node, &listen4, services, opt_out)
+}
+
+/// `probe` with its IPv4 listener `listen4` (`-`: none, IPv4 is not redirected).
+fn probe_listening(
+    node: &Node,
+    listen4: &str,
+    services: &[SocketAddr],
+    opt_out: &[&str],
+) -> Process {
     let mut command = Command::new(PROBE);
     command
         .arg(&node.cgroup)
-        .arg(SocketAddr::from((node.address, PROXY_PORT)).to_string())
+        .arg(listen4)
         .arg(SocketAddr::from((node.address6, PROXY_PORT)).to_string())
         .args(services.iter().map(ToString::to_string));
     if !opt_out.is_empty() {
@@ -128,6 +139,23 @@ fn ipv6_and_ipv4_mapped_connections_are_redirected() {
     let (peer, said) = connect_from(&bed.node, "client", mapped);
     assert_eq!(said, format!("orig={}", bed.service));
     assert_eq!(peer, mapped.to_string());
+}
+
+#[test]
+fn without_an_ipv4_listener_only_ipv6_connections_are_redirected() {
+    let bed = bed();
+    let service6: SocketAddr = format!("[fd5f:0:{:x}::80]:80", bed.node.index)
+        .parse()
+        .unwrap();
+    let _agent = probe_listening(&bed.node, "-", &[bed.service, service6], &[]);
+    let (_, said) = connect_from(&bed.node, "client", service6);
+    assert_eq!(said, format!("orig={service6}"));
+    // IPv4, plain and mapped, takes the kube-proxy path: the agent has nowhere to take it.
+    let (_, said) = connect_from(&bed.node, "client", bed.service);
+    assert_eq!(said, "kube-proxy-path");
+    let mapped: SocketAddr = format!("[::ffff:{}]:80", bed.service.ip()).parse().unwrap();
+    let (_, said) = connect_from(&bed.node, "client", mapped);
+    assert_eq!(said, "kube-proxy-path");
 }
 
 #[test]

@@ -38,7 +38,9 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 pub struct DatapathOptions {
     /// A cgroup v2 directory; every process below it is subject to redirection.
     pub cgroup: PathBuf,
-    pub proxy_v4: SocketAddrV4,
+    /// Where IPv4 (and IPv4-mapped) connections go; `None`: they are not redirected.
+    pub proxy_v4: Option<SocketAddrV4>,
+    /// Where IPv6 connections go; `None`: they are not redirected.
     pub proxy_v6: Option<SocketAddrV6>,
 }
 
@@ -189,6 +191,9 @@ impl Datapath {
             ebpf.take_map(maps::CONFIG)
                 .context("map CONFIG missing from the eBPF object")?,
         )?;
+        let (proxy_v4, proxy_v4_port) = options
+            .proxy_v4
+            .map_or(([0; 4], 0), |a| (a.ip().octets(), a.port()));
         let (proxy_v6, proxy_v6_port) = options
             .proxy_v6
             .map_or(([0; 16], 0), |a| (a.ip().octets(), a.port()));
@@ -196,10 +201,10 @@ impl Datapath {
             0,
             ProxyConfig {
                 host_netns_cookie: own_netns_cookie()?,
-                proxy_v4: options.proxy_v4.ip().octets(),
-                proxy_v4_port: options.proxy_v4.port(),
+                proxy_v4,
+                proxy_v4_port,
                 has_v6: u8::from(options.proxy_v6.is_some()),
-                _pad: 0,
+                has_v4: u8::from(options.proxy_v4.is_some()),
                 proxy_v6,
                 proxy_v6_port,
                 _pad2: [0; 6],
@@ -234,7 +239,7 @@ impl Datapath {
         sock_ops
             .attach(&cgroup, LINK_MODE)
             .map_err(|e| explain_bpf_error(e, "attach steer_sock_ops"))?;
-        info!(cgroup = %options.cgroup.display(), proxy = %options.proxy_v4, "eBPF datapath attached");
+        info!(cgroup = %options.cgroup.display(), proxy_v4 = ?options.proxy_v4, proxy_v6 = ?options.proxy_v6, "eBPF datapath attached");
 
         Ok(Datapath {
             services: take_hash(&mut ebpf, maps::SERVICES)?,
@@ -345,7 +350,7 @@ mod tests {
     fn options(cgroup: &str) -> DatapathOptions {
         DatapathOptions {
             cgroup: PathBuf::from(cgroup),
-            proxy_v4: "127.0.0.1:15001".parse().unwrap(),
+            proxy_v4: Some("127.0.0.1:15001".parse().unwrap()),
             proxy_v6: None,
         }
     }

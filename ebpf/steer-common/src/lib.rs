@@ -49,7 +49,8 @@ pub struct ProxyConfig {
     pub proxy_v4_port: u16,
     /// 1 when `proxy_v6` is set; real IPv6 services are only redirected then.
     pub has_v6: u8,
-    pub _pad: u8,
+    /// 1 when `proxy_v4` is set; IPv4 (and IPv4-mapped) services are only redirected then.
+    pub has_v4: u8,
     pub proxy_v6: [u8; 16],
     pub proxy_v6_port: u16,
     pub _pad2: [u8; 6],

@@ -114,6 +114,7 @@ pub fn steer_connect4(ctx: SockAddrContext) -> i32 {
         return 1;
     }
     if let Some(config) = mesh_pod(&ctx)
+        && config.has_v4 == 1
         && record(&ctx, &original)
     {
         addr.user_ip4 = u32::from_ne_bytes(config.proxy_v4);
@@ -137,6 +138,9 @@ pub fn steer_connect6(ctx: SockAddrContext) -> i32 {
     };
     // An IPv4-mapped service goes to the IPv4 listener, mapped; real IPv6 to the IPv6 one.
     let (proxy, port) = if original.as_v4().is_some() {
+        if config.has_v4 == 0 {
+            return 1;
+        }
         (SockKey::v4(config.proxy_v4, 0).addr, config.proxy_v4_port)
     } else if config.has_v6 == 1 {
         (config.proxy_v6, config.proxy_v6_port)

@@ -1,10 +1,10 @@
 //! A minimal agent for the datapath tests: attaches the eBPF datapath and, on its listener,
 //! answers every redirected connection with the original destination the programs recorded
-//! (`orig=<addr>` or `orig=none`). On the port after LISTEN4 it answers with the sizes of the
+//! (`orig=<addr>` or `orig=none`). On the port after its first listener it answers with the sizes of the
 //! connection records (`records=<by-cookie>,<by-client>`): counting scans the maps, so it is
 //! kept off the redirect path. The real agent is `steer run`.
 //!
-//! Usage: `redirect-probe CGROUP LISTEN4 LISTEN6|- [SERVICE...] [--opt-out CGROUP...]`.
+//! Usage: `redirect-probe CGROUP LISTEN4|- LISTEN6|- [SERVICE...] [--opt-out CGROUP...]`.
 //! Prints `ready` once attached and listening.
 
 use std::{
@@ -24,10 +24,13 @@ fn main() -> Result<()> {
     };
     let [cgroup, listen4, listen6, services @ ..] = positional else {
         anyhow::bail!(
-            "usage: redirect-probe CGROUP LISTEN4 LISTEN6|- [SERVICE...] [--opt-out CGROUP...]"
+            "usage: redirect-probe CGROUP LISTEN4|- LISTEN6|- [SERVICE...] [--opt-out CGROUP...]"
         );
     };
-    let listen4: SocketAddr = listen4.parse().context("LISTEN4")?;
+    let listen4: Option<SocketAddr> = (listen4 != "-")
+        .then(|| listen4.parse())
+        .transpose()
+        .context("LISTEN4")?;
     let listen6: Option<SocketAddr> = (listen6 != "-")
         .then(|| listen6.parse())
         .transpose()
@@ -38,8 +41,10 @@ fn main() -> Result<()> {
         .collect::<Result<_, _>>()
         .context("SERVICE")?;
 
-    let SocketAddr::V4(proxy_v4) = listen4 else {
-        anyhow::bail!("LISTEN4 must be IPv4");
+    let proxy_v4 = match listen4 {
+        Some(SocketAddr::V4(v4)) => Some(v4),
+        Some(_) => anyhow::bail!("LISTEN4 must be IPv4"),
+        None => None,
     };
     let proxy_v6 = match listen6 {
         Some(SocketAddr::V6(v6)) => Some(v6),
@@ -56,11 +61,15 @@ fn main() -> Result<()> {
     anyhow::ensure!(missing.is_empty(), "no such cgroup: {missing:?}");
     let originals = datapath.original_destinations();
 
-    let listeners: Vec<TcpListener> = std::iter::once(listen4)
+    let listeners: Vec<TcpListener> = listen4
+        .into_iter()
         .chain(listen6)
         .map(|addr| TcpListener::bind(addr).with_context(|| format!("listen on {addr}")))
         .collect::<Result<_>>()?;
-    let control_addr = SocketAddr::new(listen4.ip(), listen4.port() + 1);
+    let first = listen4
+        .or(listen6)
+        .context("LISTEN4 and LISTEN6 are both -")?;
+    let control_addr = SocketAddr::new(first.ip(), first.port() + 1);
     let control =
         TcpListener::bind(control_addr).with_context(|| format!("listen on {control_addr}"))?;
     println!("ready");
