@@ -256,6 +256,39 @@ fn upgrades_pass_through_both_ways() {
 }
 
 #[test]
+fn bodies_stream_through_the_proxy_both_ways() {
+    let scenario = food_delivery();
+    let mut stream = TcpStream::connect(scenario.gateway).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // Reads until `want` has arrived; a proxy that waited for the whole upload (or the whole
+    // answer) never delivers it while the upload is still open.
+    let mut received = Vec::new();
+    let mut read_until = |stream: &mut TcpStream, want: &str| {
+        let mut chunk = [0u8; 1024];
+        while !String::from_utf8_lossy(&received).contains(want) {
+            let n = stream
+                .read(&mut chunk)
+                .unwrap_or_else(|e| panic!("waiting for {want:?}: {e}"));
+            assert!(n > 0, "closed before {want:?}");
+            received.extend_from_slice(&chunk[..n]);
+        }
+    };
+    stream
+        .write_all(
+            b"POST /echo HTTP/1.1\r\nhost: restaurant\r\ntransfer-encoding: chunked\r\n\r\n\
+              6\r\nfirst \r\n",
+        )
+        .unwrap();
+    read_until(&mut stream, "first ");
+    stream.write_all(b"6\r\nsecond\r\n0\r\n\r\n").unwrap();
+    read_until(&mut stream, "second");
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
+#[test]
 fn non_http_connections_are_relayed_at_l4_to_the_primary_version() {
     let mut scenario = food_delivery();
     // A server-first TCP service: the client sends nothing, the server speaks first.

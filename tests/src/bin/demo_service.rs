@@ -7,7 +7,7 @@
 //! *service* address, never by pod IP: only the node agent decides where a call goes.
 //!
 //! For the proxy's tests it also speaks HTTP/2 (h2c), sends gRPC-style trailers on `/trailers`,
-//! answers `?sleep=MS` after a delay, and
+//! streams request bodies back on `/echo`, answers `?sleep=MS` after a delay, and
 //! accepts `Upgrade` requests (101) on which it echoes bytes back, like a WebSocket echo.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
@@ -15,7 +15,7 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use clap::Parser;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
@@ -104,6 +104,9 @@ async fn handle(
             .body(Full::new(Bytes::new()).boxed())
             .expect("valid response"));
     }
+    if req.uri().path() == "/echo" {
+        return Ok(Response::new(echo(req.into_body())));
+    }
     if let Some(ms) = req
         .uri()
         .query()
@@ -157,6 +160,18 @@ async fn handle(
         .header("content-type", "application/json")
         .body(body)
         .expect("valid response"))
+}
+
+/// `/echo` streams the request body back frame by frame as it arrives: behind a proxy that
+/// held either body back until it was complete, the echo would wait for the whole upload.
+fn echo(body: Incoming) -> BoxBody<Bytes, Infallible> {
+    let frames = futures::stream::unfold(body, |mut body| async move {
+        match body.frame().await {
+            Some(Ok(frame)) => Some((Ok(frame), body)),
+            _ => None,
+        }
+    });
+    StreamBody::new(frames).boxed()
 }
 
 async fn call(args: &Args, name: &str, addr: &str, incoming: &Request<Incoming>) -> Result<Hop> {
