@@ -43,6 +43,14 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    #[cfg(test)]
+    pub fn new(address: SocketAddr) -> Endpoint {
+        Endpoint {
+            address,
+            in_flight: Arc::default(),
+        }
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
     }

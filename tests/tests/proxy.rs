@@ -216,6 +216,27 @@ fn an_opted_out_pod_takes_the_kube_proxy_path_until_it_opts_back_in() {
 }
 
 #[test]
+fn sequential_requests_reuse_pooled_upstream_connections() {
+    let scenario = food_delivery();
+    let url = format!("http://{}/", restaurant(&scenario));
+    // One curl, twenty requests, one after the other; restaurant says which of its
+    // connections carried each.
+    let mut args = vec!["-i"];
+    args.extend(std::iter::repeat_n(url.as_str(), 20));
+    let out = curl_from_order(&scenario, &args);
+    let connections: Vec<&str> = out
+        .lines()
+        .filter_map(|line| line.strip_prefix("x-demo-connection: "))
+        .map(str::trim)
+        .collect();
+    assert_eq!(connections.len(), 20, "{out}");
+    let distinct: std::collections::BTreeSet<&str> = connections.iter().copied().collect();
+    // A connection goes back to the pool just after its response: the next request may open
+    // another before that, but not one per request.
+    assert!(distinct.len() <= 3, "{connections:?}");
+}
+
+#[test]
 fn h2c_requests_are_proxied_over_http2() {
     let scenario = food_delivery();
     let out = curl_from_order(

@@ -1,6 +1,9 @@
+use std::net::SocketAddr;
+
 use http::{HeaderMap, HeaderValue};
 
-use super::remove_hop_by_hop;
+use super::{pick, remove_hop_by_hop};
+use crate::state::Endpoint;
 
 fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
     let mut map = HeaderMap::new();
@@ -55,4 +58,39 @@ fn te_trailers_is_kept_for_grpc_and_other_te_values_are_not() {
     let mut map = headers(&[("te", "gzip, trailers")]);
     remove_hop_by_hop(&mut map, false);
     assert!(map.get("te").is_none());
+}
+
+#[test]
+fn power_of_two_choices_steers_away_from_a_busy_endpoint() {
+    let (a, b): (SocketAddr, SocketAddr) = (
+        "10.0.0.1:80".parse().unwrap(),
+        "10.0.0.2:80".parse().unwrap(),
+    );
+    let endpoints = [Endpoint::new(a), Endpoint::new(b)];
+    let picks_of_a = |endpoints: &[Endpoint]| {
+        (0..4000)
+            .filter(|_| pick(endpoints, None).unwrap().address == a)
+            .count()
+    };
+    // Equal load: either, about evenly.
+    let even = picks_of_a(&endpoints);
+    assert!((1700..2300).contains(&even), "{even} of 4000");
+    // `a` busy: chosen only when both draws land on it, one time in four.
+    let _busy: Vec<_> = (0..5).map(|_| endpoints[0].start()).collect();
+    let busy = picks_of_a(&endpoints);
+    assert!((800..1200).contains(&busy), "{busy} of 4000");
+}
+
+#[test]
+fn a_retry_never_picks_the_endpoint_that_failed() {
+    let (a, b): (SocketAddr, SocketAddr) = (
+        "10.0.0.1:80".parse().unwrap(),
+        "10.0.0.2:80".parse().unwrap(),
+    );
+    let endpoints = [Endpoint::new(a), Endpoint::new(b)];
+    for _ in 0..100 {
+        assert_eq!(pick(&endpoints, Some(a)).unwrap().address, b);
+    }
+    assert!(pick(&endpoints[..1], Some(a)).is_none());
+    assert!(pick(&[], None).is_none());
 }

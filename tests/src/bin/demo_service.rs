@@ -72,11 +72,24 @@ async fn main() -> Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let mut accepted = 0u64;
     loop {
         let (stream, _) = listener.accept().await?;
+        accepted += 1;
+        let connection = accepted;
         let args = args.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(args.clone(), req));
+            let service = service_fn(move |req| {
+                let answer = handle(args.clone(), req);
+                async move {
+                    let mut response = answer.await?;
+                    // Which of this pod's connections carried the request: shows reuse.
+                    response
+                        .headers_mut()
+                        .insert("x-demo-connection", connection.into());
+                    Ok::<_, Infallible>(response)
+                }
+            });
             // A client that goes away mid-request is not this service's problem.
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
