@@ -4,6 +4,8 @@
 use std::{sync::Mutex, time::Duration};
 
 use http::StatusCode;
+
+use crate::state::Route;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -172,6 +174,27 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Drops the series of routes that no longer exist: canary releases come and go, and
+    /// their series must not pile up for as long as the agent runs.
+    pub fn forget(&self, routes: &[Route]) {
+        for &(service, version, release) in routes {
+            let release = release.unwrap_or("");
+            for class in 1..=5 {
+                self.requests.remove(&RouteLabels {
+                    service: service.to_string(),
+                    version: version.to_string(),
+                    release: release.to_string(),
+                    code: format!("{class}xx"),
+                });
+            }
+            self.latency.remove(&LatencyLabels {
+                service: service.to_string(),
+                version: version.to_string(),
+                release: release.to_string(),
+            });
+        }
+    }
+
     pub fn upstream_error(&self) {
         self.upstream_errors.inc();
     }
@@ -229,5 +252,58 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::Config, state::Snapshot};
+
+    fn food_delivery() -> Config {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/examples/food-delivery.yaml"
+        );
+        Config::load(std::path::Path::new(path)).unwrap()
+    }
+
+    fn snapshot(config: Config) -> Snapshot {
+        Snapshot::build(config).unwrap().0
+    }
+
+    #[test]
+    fn series_of_retired_releases_and_removed_services_are_forgotten() {
+        let before = snapshot(food_delivery());
+        let metrics = Metrics::default();
+        let ok = StatusCode::OK;
+        let took = Duration::from_millis(3);
+        metrics.observe("restaurant", "v2-red", Some("red"), ok, took);
+        metrics.observe("restaurant", "v2-blue", Some("blue"), ok, took);
+        metrics.observe("order", "v1", Some("red"), StatusCode::BAD_GATEWAY, took);
+        metrics.observe("delivery", "v1", None, ok, took);
+
+        // Red is retired and delivery leaves the mesh (blue keeps only restaurant).
+        let mut config = food_delivery();
+        config.releases.retain(|r| r.name != "red");
+        config.services.retain(|s| s.name != "delivery");
+        for release in &mut config.releases {
+            release.targets.remove("delivery");
+        }
+        config.releases.retain(|r| !r.targets.is_empty());
+        let after = snapshot(config);
+        let retired = after.retired_routes(&before);
+        assert!(retired.contains(&("restaurant", "v2-red", Some("red"))));
+        assert!(retired.contains(&("delivery", "v1", None)));
+        assert!(!retired.contains(&("restaurant", "v2-blue", Some("blue"))));
+        metrics.forget(&retired);
+
+        let text = metrics.encode();
+        assert!(!text.contains(r#"release="red""#), "{text}");
+        assert!(!text.contains(r#"service="delivery""#), "{text}");
+        assert!(
+            text.contains(r#"version="v2-blue",release="blue""#),
+            "{text}"
+        );
     }
 }

@@ -152,7 +152,9 @@ impl Applier {
         {
             install(datapath, &snapshot).context("cannot update the datapath")?;
         }
+        let retired = snapshot.retired_routes(&previous);
         self.state.store(Arc::new(snapshot));
+        self.metrics.forget(&retired);
         info!(source = origin, "configuration applied");
         Ok(())
     }

@@ -19,6 +19,9 @@ use crate::{
     rules::{CompiledRelease, Ruleset, Tags},
 };
 
+/// What a request is counted under: (service, version, release), `None` for no release.
+pub type Route<'a> = (&'a str, &'a str, Option<&'a str>);
+
 /// A configuration that passed the checker, compiled for routing.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -194,6 +197,36 @@ impl Snapshot {
             .get(service)
             .copied()
             .unwrap_or(DEFAULT_REQUEST_TIMEOUT)
+    }
+
+    /// The routes `previous` could take that this snapshot cannot: those of its releases and
+    /// services that are gone. (A release that now targets another version leaves its old
+    /// route behind; that is bounded by the edits, not by the releases ever made.)
+    pub fn retired_routes<'a>(&self, previous: &'a Snapshot) -> Vec<Route<'a>> {
+        let retired: Vec<&CompiledRelease> = previous
+            .rules
+            .releases()
+            .iter()
+            .filter(|release| self.rules.get(&release.name).is_none())
+            .collect();
+        let mut routes = Vec::new();
+        for service in &previous.config.services {
+            let name = service.name.as_str();
+            let releases = if self.has_service(name) {
+                retired.clone()
+            } else {
+                if let Some(primary) = previous.version_for(name, None) {
+                    routes.push((name, primary, None));
+                }
+                previous.rules.releases().iter().collect()
+            };
+            for release in releases {
+                if let Some(version) = previous.version_for(name, Some(release)) {
+                    routes.push((name, version, Some(&*release.name)));
+                }
+            }
+        }
+        routes
     }
 
     /// The service a caller reached by connecting to `address`.
