@@ -67,27 +67,15 @@ fn main() -> Result<()> {
             setup()?;
             let started = SystemTime::now();
             cargo(&["bench", "--package", "steer", "--bench", "rules"])?;
-            // Needs root: network namespaces, cgroups and the eBPF programs.
-            cargo(&[
-                "run",
-                "--release",
-                "--package",
-                "steer-tests",
-                "--bin",
-                "connect-bench",
-            ])?;
+            // The benches on a test bed need root: namespaces, cgroups, the eBPF programs.
+            let test_bed_bench =
+                |bin| cargo(&["run", "--release", "--package", "steer-tests", "--bin", bin]);
+            test_bed_bench("connect-bench")?;
             bench::summarize(&workspace_root().join("target"), started)?;
             // The node proxy next to nginx and haproxy; prints its own tables.
             install_missing(&BENCH_PACKAGES)?;
             cargo(&["build", "--release", "--package", "steer"])?;
-            cargo(&[
-                "run",
-                "--release",
-                "--package",
-                "steer-tests",
-                "--bin",
-                "proxy-bench",
-            ])
+            test_bed_bench("proxy-bench")
         }
     }
 }

@@ -60,13 +60,16 @@ fn te_trailers_is_kept_for_grpc_and_other_te_values_are_not() {
     assert!(map.get("te").is_none());
 }
 
+/// Two idle endpoints and their addresses.
+fn two_endpoints() -> ([Endpoint; 2], SocketAddr, SocketAddr) {
+    let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+    let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
+    ([Endpoint::new(a), Endpoint::new(b)], a, b)
+}
+
 #[test]
 fn power_of_two_choices_steers_away_from_a_busy_endpoint() {
-    let (a, b): (SocketAddr, SocketAddr) = (
-        "10.0.0.1:80".parse().unwrap(),
-        "10.0.0.2:80".parse().unwrap(),
-    );
-    let endpoints = [Endpoint::new(a), Endpoint::new(b)];
+    let (endpoints, a, _) = two_endpoints();
     let picks_of_a = |endpoints: &[Endpoint]| {
         (0..4000)
             .filter(|_| pick(endpoints, None).unwrap().address == a)
@@ -83,11 +86,7 @@ fn power_of_two_choices_steers_away_from_a_busy_endpoint() {
 
 #[test]
 fn a_retry_never_picks_the_endpoint_that_failed() {
-    let (a, b): (SocketAddr, SocketAddr) = (
-        "10.0.0.1:80".parse().unwrap(),
-        "10.0.0.2:80".parse().unwrap(),
-    );
-    let endpoints = [Endpoint::new(a), Endpoint::new(b)];
+    let (endpoints, a, b) = two_endpoints();
     for _ in 0..100 {
         assert_eq!(pick(&endpoints, Some(a)).unwrap().address, b);
     }
