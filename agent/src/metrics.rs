@@ -146,6 +146,11 @@ impl Default for Metrics {
     }
 }
 
+/// The `code` label: `2xx` for class 2. One place, so `forget` removes what `observe` made.
+fn status_class(class: u16) -> String {
+    format!("{class}xx")
+}
+
 impl Metrics {
     pub fn observe(
         &self,
@@ -156,7 +161,7 @@ impl Metrics {
         took: Duration,
     ) {
         let release = release.unwrap_or("").to_string();
-        let code = format!("{}xx", status.as_u16() / 100);
+        let code = status_class(status.as_u16() / 100);
         self.requests
             .get_or_create(&RouteLabels {
                 service: service.to_string(),
@@ -184,7 +189,7 @@ impl Metrics {
                     service: service.to_string(),
                     version: version.to_string(),
                     release: release.to_string(),
-                    code: format!("{class}xx"),
+                    code: status_class(class),
                 });
             }
             self.latency.remove(&LatencyLabels {
