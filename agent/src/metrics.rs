@@ -1,7 +1,7 @@
 //! Prometheus metrics. Labels are bounded by the configuration (service, version and release
 //! names, a status class): never a raw tag value or a client address.
 
-use std::{sync::Mutex, time::Duration};
+use std::{cell::OnceCell, sync::Mutex, time::Duration};
 
 use http::StatusCode;
 
@@ -263,13 +263,13 @@ pub struct RouteSeries {
     labels: LatencyLabels,
     latency: Histogram,
     /// Request counters by status class (1xx..5xx), made on first use.
-    by_class: [Option<Counter>; 5],
+    by_class: [OnceCell<Counter>; 5],
 }
 
 impl RouteSeries {
-    pub fn observe(&mut self, metrics: &Metrics, status: StatusCode, took: Duration) {
+    pub fn observe(&self, metrics: &Metrics, status: StatusCode, took: Duration) {
         let class = (status.as_u16() / 100).clamp(1, 5);
-        let counter = self.by_class[usize::from(class - 1)].get_or_insert_with(|| {
+        let counter = self.by_class[usize::from(class - 1)].get_or_init(|| {
             metrics.requests.get_or_create_owned(&RouteLabels {
                 service: self.labels.service.clone(),
                 version: self.labels.version.clone(),

@@ -14,11 +14,11 @@ use super::{
     balance::pick,
     body::{PooledBody, ProxyBody},
     error::{ProxyError, fail_to_proxy},
-    headers::{add_debug_headers, prepare_uri, remove_hop_by_hop},
+    headers::{prepare_uri, remove_hop_by_hop},
     pool::Http1Conn,
     route::{Route, route},
     stamp,
-    worker::Worker,
+    worker::{RouteEntry, Worker},
 };
 use crate::state::Endpoint;
 
@@ -44,13 +44,18 @@ pub async fn handle(
         path = request.uri().path(),
         "request"
     );
-    let mut response = match forward(worker, &route, request).await {
+    let entry = worker.route_entry(&snapshot, &route);
+    let mut response = match forward(worker, &route, &entry, request).await {
         Ok(response) => response,
         Err(err) => fail_to_proxy(&err, metrics),
     };
-    worker.observe(&snapshot, &route, response.status(), started.elapsed());
+    worker.observe(&entry, response.status(), started.elapsed());
     if snapshot.config.debug_headers {
-        add_debug_headers(response.headers_mut(), &route);
+        for (name, value) in &entry.debug_headers {
+            if let Some(value) = value {
+                response.headers_mut().insert(name, value.clone());
+            }
+        }
     }
     response
 }
@@ -58,6 +63,7 @@ pub async fn handle(
 async fn forward(
     worker: &Worker,
     route: &Route<'_>,
+    entry: &RouteEntry,
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let http2 = request.version() == Version::HTTP_2;
@@ -68,8 +74,10 @@ async fn forward(
     if route.strip_incoming {
         stamp::strip(request.headers_mut());
     }
-    if let Some(release) = route.stamp {
-        stamp::write(request.headers_mut(), release);
+    if route.stamp.is_some()
+        && let Some(stamp) = &entry.stamp
+    {
+        stamp::write(request.headers_mut(), stamp);
     }
     prepare_uri(&mut request, &route.service.name, http2);
     let timeout = route.service.request_timeout;

@@ -1,9 +1,7 @@
 //! What the proxy does to headers and URIs on the way through: hop-by-hop headers (RFC 9110
-//! section 7.6.1), the upstream's request target, and the debug response headers.
+//! section 7.6.1) and the upstream's request target.
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
-
-use super::route::Route;
 
 /// Headers that describe one connection, not the request (RFC 9110 section 7.6.1), plus the
 /// ones the Connection header names.
@@ -89,20 +87,6 @@ pub fn prepare_uri<B>(request: &mut Request<B>, service: &str, http2: bool) {
     let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
     if let Ok(uri) = format!("http://{authority}{path}").parse::<Uri>() {
         *request.uri_mut() = uri;
-    }
-}
-
-/// `x-steer-service`, `x-steer-version` and `x-steer-release` on the response.
-pub fn add_debug_headers(headers: &mut HeaderMap, route: &Route) {
-    let names = [
-        ("x-steer-service", Some(&route.service.name)),
-        ("x-steer-version", Some(&route.version.name)),
-        ("x-steer-release", route.release.map(|r| &r.name)),
-    ];
-    for (header, value) in names {
-        if let Some(value) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
-            headers.insert(header, value);
-        }
     }
 }
 

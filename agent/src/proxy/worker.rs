@@ -16,12 +16,13 @@ use std::{
 
 use anyhow::{Context, Result};
 use arc_swap::{ArcSwap, cache::Cache};
-use http::StatusCode;
+use http::{HeaderName, HeaderValue, StatusCode};
 use hyper::{server::conn::http1, server::conn::http2, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
+use super::stamp::Stamp;
 use super::{
     Listener, LocalExec, MAX_HEADER_BYTES, Shared, forward::handle, l4, pool::Pool,
     pool::SWEEP_INTERVAL, route::Route,
@@ -127,7 +128,7 @@ pub struct Worker {
     pub pool: Rc<Pool>,
     connections: Connections,
     snapshot: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
-    series: RefCell<SeriesCache>,
+    routes: RefCell<RouteCache>,
 }
 
 /// The client connections a worker holds, for handing memory back once many have closed.
@@ -167,12 +168,22 @@ impl Drop for ConnectionGuard<'_> {
     }
 }
 
-/// Metric series by route, for the snapshot they were resolved in.
+/// What a worker resolves once per route and configuration, so a request builds no label or
+/// header value: the route's metric series, the stamp it puts on requests and the values of
+/// the debug response headers.
+pub struct RouteEntry {
+    series: RouteSeries,
+    pub stamp: Option<Stamp>,
+    /// `x-steer-service`, `x-steer-version`, `x-steer-release`.
+    pub debug_headers: [(HeaderName, Option<HeaderValue>); 3],
+}
+
+/// Route entries, for the snapshot they were resolved in.
 #[derive(Default)]
-struct SeriesCache {
+struct RouteCache {
     snapshot: Option<Arc<Snapshot>>,
     /// Keyed by the addresses of the route's parts in `snapshot`, which keeps them alive.
-    routes: HashMap<(usize, usize, usize), RouteSeries>,
+    routes: HashMap<(usize, usize, usize), Rc<RouteEntry>>,
 }
 
 impl Worker {
@@ -182,7 +193,7 @@ impl Worker {
             shared,
             pool: Rc::default(),
             connections: Connections::default(),
-            series: RefCell::default(),
+            routes: RefCell::default(),
         }
     }
 
@@ -191,15 +202,9 @@ impl Worker {
         self.snapshot.borrow_mut().load().clone()
     }
 
-    /// Counts a request and its latency under its route.
-    pub fn observe(
-        &self,
-        snapshot: &Arc<Snapshot>,
-        route: &Route,
-        status: StatusCode,
-        took: Duration,
-    ) {
-        let mut cache = self.series.borrow_mut();
+    /// The entry of `route`, a route of `snapshot`.
+    pub fn route_entry(&self, snapshot: &Arc<Snapshot>, route: &Route) -> Rc<RouteEntry> {
+        let mut cache = self.routes.borrow_mut();
         if !cache
             .snapshot
             .as_ref()
@@ -218,13 +223,34 @@ impl Worker {
             .routes
             .entry(key)
             .or_insert_with(|| {
-                metrics.route_series(
-                    &route.service.name,
-                    &route.version.name,
-                    route.release.map(|r| &*r.name),
-                )
+                let release = route.release.map(|r| &*r.name);
+                let stamp = release.and_then(Stamp::new);
+                let value = |name: &str| HeaderValue::from_str(name).ok();
+                Rc::new(RouteEntry {
+                    series: metrics.route_series(&route.service.name, &route.version.name, release),
+                    debug_headers: [
+                        (
+                            HeaderName::from_static("x-steer-service"),
+                            value(&route.service.name),
+                        ),
+                        (
+                            HeaderName::from_static("x-steer-version"),
+                            value(&route.version.name),
+                        ),
+                        (
+                            HeaderName::from_static("x-steer-release"),
+                            stamp.as_ref().map(|s| s.value().clone()),
+                        ),
+                    ],
+                    stamp,
+                })
             })
-            .observe(metrics, status, took);
+            .clone()
+    }
+
+    /// Counts a request and its latency under its route.
+    pub fn observe(&self, entry: &RouteEntry, status: StatusCode, took: Duration) {
+        entry.series.observe(&self.shared.metrics, status, took);
     }
 }
 
