@@ -337,7 +337,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
 }
 
 /// Applies valid edits of the configuration file; an invalid edit is logged and the previous
-/// configuration keeps serving.
+/// configuration keeps serving. A file is read only once it is stable: an editor that writes
+/// in place (truncate, then write) must not have its empty or half-written file applied.
 async fn watch_file(path: PathBuf, applier: Applier) {
     let origin = path.display().to_string();
     let mut seen = stamp_of(&path);
@@ -347,20 +348,80 @@ async fn watch_file(path: PathBuf, applier: Applier) {
         if now == seen || now.is_none() {
             continue;
         }
+        let Some(text) = read_when_stable(&path).await else {
+            // Still being written: looked at again on the next tick.
+            continue;
+        };
         seen = now;
+        let running_services = applier.state.load().config.services.len();
         // Parsing and checking are CPU work: on the blocking pool, never on a runtime thread.
         // Logged and counted by the applier.
-        let (path, origin, applier) = (path.clone(), origin.clone(), applier.clone());
+        let (origin, applier) = (origin.clone(), applier.clone());
         let _ = tokio::task::spawn_blocking(move || {
-            applier.apply(Config::load(&path).map_err(Into::into), &origin)
+            let config = Config::from_yaml(&text, &origin)
+                .map_err(anyhow::Error::from)
+                .and_then(|config| refuse_accidental_emptying(config, &text, running_services));
+            applier.apply(config, &origin)
         })
         .await;
     }
 }
 
+/// The file's text once two reads a watch interval apart agree (and its identity did not
+/// change in between); `None` while it is changing or unreadable.
+async fn read_when_stable(path: &Path) -> Option<String> {
+    let before = stamp_of(path);
+    let first = tokio::fs::read(path).await.ok()?;
+    tokio::time::sleep(WATCH_INTERVAL).await;
+    let second = tokio::fs::read(path).await.ok()?;
+    if first != second || stamp_of(path) != before {
+        return None;
+    }
+    String::from_utf8(second).ok()
+}
+
+/// A file with no services while services are serving is far more likely a mistake (a file
+/// caught empty, a bad merge) than the wish to take every service out of the mesh: that needs
+/// an explicit `services: []`.
+fn refuse_accidental_emptying(
+    config: Config,
+    text: &str,
+    running_services: usize,
+) -> Result<Config> {
+    if !config.services.is_empty() || running_services == 0 {
+        return Ok(config);
+    }
+    let explicit = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text)
+        .ok()
+        .is_some_and(|value| value.get("services").is_some());
+    if explicit {
+        return Ok(config);
+    }
+    anyhow::bail!(
+        "the file has no services while {running_services} are serving; write `services: []` \
+         to take every service out of the mesh"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_without_services_empties_a_running_mesh_only_when_it_says_so() {
+        let parse = |text: &str| Config::from_yaml(text, "test").unwrap();
+        for accidental in ["", "# all comments\n", "releases: []\n"] {
+            let err = refuse_accidental_emptying(parse(accidental), accidental, 3).unwrap_err();
+            assert!(
+                err.to_string().contains("no services while 3 are serving"),
+                "{err}"
+            );
+        }
+        let explicit = "services: []\n";
+        assert!(refuse_accidental_emptying(parse(explicit), explicit, 3).is_ok());
+        // Nothing serving: nothing to lose.
+        assert!(refuse_accidental_emptying(parse(""), "", 0).is_ok());
+    }
 
     #[test]
     fn listen_addresses_take_one_address_per_family_with_or_without_a_port() {

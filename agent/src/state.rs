@@ -29,9 +29,10 @@ pub struct Snapshot {
     pub rules: Ruleset,
     /// The services, each with its versions resolved: what the request path reads.
     services: Vec<ServiceRoutes>,
-    by_name: HashMap<Arc<str>, usize>,
+    /// Looked up on every request: a fast hash (the keys come from the configuration).
+    by_name: foldhash::HashMap<Arc<str>, usize>,
     /// Service address -> index in `services`.
-    by_address: HashMap<SocketAddr, usize>,
+    by_address: foldhash::HashMap<SocketAddr, usize>,
 }
 
 /// One service as the request path needs it: names shared (`Arc<str>`), so a request clones
@@ -162,8 +163,8 @@ impl Snapshot {
             .map(|e| (e.address, e.in_flight.clone()))
             .collect();
         let mut services = Vec::with_capacity(config.services.len());
-        let mut by_name = HashMap::new();
-        let mut by_address = HashMap::new();
+        let mut by_name = foldhash::HashMap::default();
+        let mut by_address = foldhash::HashMap::default();
         // The checker guarantees exactly one primary per service; a service without one
         // cannot be routed and is left out.
         for service in &config.services {

@@ -632,3 +632,82 @@ fn gateway_routes_pick_the_first_service_by_host_and_path_prefix() {
         "order/v1 -> restaurant/v1 -> delivery/v2-green"
     );
 }
+
+#[test]
+fn a_file_edited_in_place_is_applied_only_once_it_is_whole() {
+    let scenario = food_delivery();
+    let text = serde_yaml_ng::to_string(&scenario.config).unwrap();
+    // Cut after the first service: valid YAML that lacks restaurant and delivery.
+    let half = text.find("- name: restaurant").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let gateway = scenario.gateway;
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            let mut answered = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = http::get(gateway, "/", &[("host", "order")]).unwrap();
+                let hop: Option<Hop> = serde_json::from_str(&reply.body).ok();
+                let path = hop.as_ref().map(Hop::path);
+                if reply.status != 200
+                    || path.as_deref() != Some("order/v1 -> restaurant/v1 -> delivery/v1")
+                {
+                    failures.push(format!("{}: {}", reply.status, reply.body));
+                }
+                answered += 1;
+            }
+            (answered, failures)
+        })
+    };
+    // An editor writing in place: truncate, then the text in two parts, a moment apart.
+    for _ in 0..60 {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&scenario.config_path)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(8));
+        file.write_all(&text.as_bytes()[..half]).unwrap();
+        std::thread::sleep(Duration::from_millis(8));
+        file.write_all(&text.as_bytes()[half..]).unwrap();
+        drop(file);
+        std::thread::sleep(Duration::from_millis(4));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (answered, failures) = load.join().unwrap();
+    assert!(answered > 20, "only {answered} requests during the edits");
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+}
+
+#[test]
+fn a_stamp_sent_straight_to_the_redirect_listener_is_not_honoured() {
+    let scenario = food_delivery();
+    // From the node itself, not redirected by the datapath: anyone who can reach the node's
+    // address could do this, so the stamp must not pick the release.
+    let listener = SocketAddr::from((scenario.node.address, steer_tests::scenario::PROXY_PORT));
+    let forged = [("host", "delivery"), ("x-steer-release", "blue")];
+    let reply = http::get(listener, "/", &forged).unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.header("x-steer-version"),
+        Some("v1"),
+        "{:?}",
+        reply.headers
+    );
+    // Tags still decide there, as at the gateway.
+    let tagged = [("host", "delivery"), ("x-region", "atlantis")];
+    let reply = http::get(listener, "/", &tagged).unwrap();
+    assert_eq!(
+        reply.header("x-steer-version"),
+        Some("v2-green"),
+        "{:?}",
+        reply.headers
+    );
+}

@@ -3,9 +3,31 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
 
-/// Headers that describe one connection, not the request (RFC 9110 section 7.6.1), plus the
-/// ones the Connection header names.
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one connection, not the request (RFC 9110 section 7.6.1).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        &http::header::CONNECTION,
+        &http::header::TE,
+        &http::header::TRAILER,
+        &http::header::TRANSFER_ENCODING,
+        &http::header::UPGRADE,
+        &http::header::PROXY_AUTHENTICATE,
+        &http::header::PROXY_AUTHORIZATION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+    ]
+    .contains(&name)
+}
+
+/// Removes the hop-by-hop headers, plus the ones the Connection header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names, no lookups.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(connection) = headers.get(http::header::CONNECTION)
         && !is_plain_connection_value(connection)
     {
@@ -27,15 +49,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .get(http::header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for name in [
-        http::header::TE,
-        http::header::TRAILER,
-        http::header::TRANSFER_ENCODING,
-        http::header::PROXY_AUTHENTICATE,
-        http::header::PROXY_AUTHORIZATION,
+        &http::header::TE,
+        &http::header::TRAILER,
+        &http::header::TRANSFER_ENCODING,
+        &http::header::PROXY_AUTHENTICATE,
+        &http::header::PROXY_AUTHORIZATION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
     ] {
-        headers.remove(name);
-    }
-    for name in ["keep-alive", "proxy-connection"] {
         headers.remove(name);
     }
     if te_trailers {

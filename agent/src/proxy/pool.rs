@@ -28,9 +28,10 @@ use tracing::debug;
 use super::LocalExec;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Idle HTTP/1.1 connections kept per endpoint and worker: enough for a burst of a thousand
-/// concurrent clients not to turn into a connect per request.
-const MAX_IDLE_PER_ENDPOINT: usize = 1024;
+/// Idle HTTP/1.1 connections kept per endpoint and worker (each holds ~16 KB of buffers).
+/// Connections in use are not limited: a burst of a thousand concurrent requests keeps its
+/// connections while it lasts, since each goes back to the pool before the next is taken.
+const MAX_IDLE_PER_ENDPOINT: usize = 256;
 /// An idle connection unused this long is closed (upstreams close theirs after a while too).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the pool is swept.

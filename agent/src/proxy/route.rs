@@ -2,7 +2,9 @@
 //! its stamp. A pure function of the snapshot, the listener, the connection's service and the
 //! request, so every rule below is unit-tested without sockets or root:
 //!
-//! - at the gateway any incoming stamp is stripped and the rules decide;
+//! - at the gateway any incoming stamp is stripped and the rules decide; so on the redirect
+//!   listener for a connection the datapath did not redirect (anything that can reach the node
+//!   address could connect there, and only a pod's redirected call is inside the mesh);
 //! - inside the mesh a stamp naming a release in force is the decision (decide once);
 //! - a stamp naming a release this snapshot does not have (one just retired) means primary, and
 //!   the stamp stays: deciding again could move the request into another release halfway along
@@ -49,12 +51,12 @@ pub fn route<'s, B>(
         None => service_from_request(snapshot, listener, request).ok_or(ProxyError::NoService)?,
     };
     let headers: &HeaderMap = request.headers();
-    let (release, strip_incoming, stamp) = match listener {
-        Listener::Gateway => {
-            let release = snapshot.rules.decide(headers);
-            (release, true, release)
-        }
-        Listener::Redirect => match stamp::read(headers) {
+    let inside_mesh = listener == Listener::Redirect && connected.is_some();
+    let (release, strip_incoming, stamp) = if !inside_mesh {
+        let release = snapshot.rules.decide(headers);
+        (release, true, release)
+    } else {
+        match stamp::read(headers) {
             // Retired: primary, and the stamp is left as it came.
             Some(name) => match snapshot.rules.get(name) {
                 Some(release) => (Some(release), false, Some(release)),
@@ -64,7 +66,7 @@ pub fn route<'s, B>(
                 let release = snapshot.rules.decide(headers);
                 (release, false, release)
             }
-        },
+        }
     };
     Ok(Route {
         service,
@@ -230,6 +232,17 @@ mod tests {
                 false,
                 Some(s("green"))
             )
+        );
+    }
+
+    #[test]
+    fn a_stamp_on_a_connection_the_datapath_did_not_redirect_is_stripped() {
+        let snapshot = snapshot("");
+        // Straight to the node's redirect address, naming a service by Host.
+        let forged = [("x-steer-release", "blue"), ("host", "restaurant")];
+        assert_eq!(
+            routed(&snapshot, Listener::Redirect, None, &forged),
+            (s("restaurant"), s("v1"), None, true, None)
         );
     }
 

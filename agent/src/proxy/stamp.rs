@@ -1,19 +1,20 @@
 //! The decision stamp carried on requests: our header, and a member of the W3C `baggage`
 //! header so OpenTelemetry-instrumented applications carry it to their downstream calls.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
-pub const STAMP_HEADER: &str = "x-steer-release";
-pub const BAGGAGE_HEADER: &str = "baggage";
+/// Header names as constants: a name given as a string is parsed again at every lookup.
+pub static STAMP_HEADER: HeaderName = HeaderName::from_static("x-steer-release");
+pub static BAGGAGE_HEADER: HeaderName = HeaderName::from_static("baggage");
 pub const BAGGAGE_KEY: &str = "steer-release";
 
 /// The release name a request was stamped with: our header first, else the baggage member.
 pub fn read(headers: &HeaderMap) -> Option<&str> {
-    if let Some(value) = headers.get(STAMP_HEADER) {
+    if let Some(value) = headers.get(&STAMP_HEADER) {
         return value.to_str().ok().map(str::trim);
     }
     headers
-        .get_all(BAGGAGE_HEADER)
+        .get_all(&BAGGAGE_HEADER)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -26,7 +27,7 @@ pub fn read(headers: &HeaderMap) -> Option<&str> {
 /// The baggage members other than ours, joined again.
 fn other_members(headers: &HeaderMap) -> String {
     headers
-        .get_all(BAGGAGE_HEADER)
+        .get_all(&BAGGAGE_HEADER)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -40,14 +41,14 @@ fn other_members(headers: &HeaderMap) -> String {
 /// Removes any stamp: what the gateway does to requests from outside the mesh, so no client
 /// can pick a release by forging it.
 pub fn strip(headers: &mut HeaderMap) {
-    headers.remove(STAMP_HEADER);
-    if headers.contains_key(BAGGAGE_HEADER) {
+    headers.remove(&STAMP_HEADER);
+    if headers.contains_key(&BAGGAGE_HEADER) {
         let others = other_members(headers);
-        headers.remove(BAGGAGE_HEADER);
+        headers.remove(&BAGGAGE_HEADER);
         if let Ok(value) = HeaderValue::from_str(&others)
             && !others.is_empty()
         {
-            headers.insert(BAGGAGE_HEADER, value);
+            headers.insert(BAGGAGE_HEADER.clone(), value);
         }
     }
 }
@@ -78,19 +79,19 @@ impl Stamp {
 
 /// Stamps the request, keeping the other baggage members.
 pub fn write(headers: &mut HeaderMap, stamp: &Stamp) {
-    headers.insert(STAMP_HEADER, stamp.release.clone());
-    let others = if headers.contains_key(BAGGAGE_HEADER) {
+    headers.insert(STAMP_HEADER.clone(), stamp.release.clone());
+    let others = if headers.contains_key(&BAGGAGE_HEADER) {
         other_members(headers)
     } else {
         String::new()
     };
     if others.is_empty() {
-        headers.insert(BAGGAGE_HEADER, stamp.member.clone());
+        headers.insert(BAGGAGE_HEADER.clone(), stamp.member.clone());
         return;
     }
     let member = stamp.member.to_str().unwrap_or_default();
     if let Ok(value) = HeaderValue::from_str(&format!("{others},{member}")) {
-        headers.insert(BAGGAGE_HEADER, value);
+        headers.insert(BAGGAGE_HEADER.clone(), value);
     }
 }
 

@@ -4,7 +4,6 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::HashMap,
     convert::Infallible,
     future::Future,
     net::SocketAddr,
@@ -183,7 +182,7 @@ pub struct RouteEntry {
 struct RouteCache {
     snapshot: Option<Arc<Snapshot>>,
     /// Keyed by the addresses of the route's parts in `snapshot`, which keeps them alive.
-    routes: HashMap<(usize, usize, usize), Rc<RouteEntry>>,
+    routes: foldhash::HashMap<(usize, usize, usize), Rc<RouteEntry>>,
 }
 
 impl Worker {
