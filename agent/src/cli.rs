@@ -70,6 +70,10 @@ enum Command {
         /// Seconds to let in-flight requests finish after SIGTERM.
         #[arg(long, default_value_t = 10)]
         drain_grace: u64,
+        /// Proxy worker threads, each with its own listeners and upstream connections
+        /// (default: one per CPU the agent may run on).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        workers: Option<u16>,
     },
     /// Print the CanaryRelease CustomResourceDefinition (what deploy/crd.yaml holds).
     Crd,
@@ -118,6 +122,7 @@ impl Cli {
                 cgroup,
                 no_ebpf,
                 drain_grace,
+                workers,
             } => run_agent(crate::run::RunOptions {
                 source: match config {
                     Some(path) if !kubernetes => Source::File(path),
@@ -135,6 +140,7 @@ impl Cli {
                 cgroup,
                 no_ebpf,
                 drain_grace: std::time::Duration::from_secs(drain_grace),
+                workers: workers.map(usize::from),
             }),
             Command::Crd => {
                 print!("{}", crate::kubernetes::crd::crd_yaml());
@@ -168,7 +174,14 @@ fn run_agent(options: crate::run::RunOptions) -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The control runtime: sources, admin, signals. The proxy runs on worker threads of its
+    // own, so configuration work never runs where requests are served.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("steer-control")
+        .enable_all()
+        .build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the runtime: {err}");

@@ -1,7 +1,7 @@
 //! Prometheus metrics. Labels are bounded by the configuration (service, version and release
 //! names, a status class): never a raw tag value or a client address.
 
-use std::{sync::Mutex, time::Duration};
+use std::{cell::OnceCell, sync::Mutex, time::Duration};
 
 use http::StatusCode;
 
@@ -32,13 +32,18 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RouteLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
-    upstream_errors: Counter,
-    unrouted: Counter,
+    request_errors: Family<ReasonLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     watch_errors: Family<KindLabels, Counter>,
     status_writes: Family<ResultLabels, Counter>,
     status_writer: Gauge,
     releases: Family<StateLabels, Gauge>,
+}
+
+/// Why a request could not be proxied (`ProxyError::label`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 /// The kind of Kubernetes object a watch is about.
@@ -79,8 +84,7 @@ impl Default for Metrics {
         let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
         );
-        let upstream_errors = Counter::default();
-        let unrouted = Counter::default();
+        let request_errors = Family::<ReasonLabels, Counter>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(
             "requests",
@@ -93,14 +97,10 @@ impl Default for Metrics {
             latency.clone(),
         );
         registry.register(
-            "upstream_errors",
-            "Requests whose upstream failed",
-            upstream_errors.clone(),
-        );
-        registry.register(
-            "unrouted_requests",
-            "Requests for no known service",
-            unrouted.clone(),
+            "request_errors",
+            "Requests steer answered itself, by reason (no_service, unknown_service, \
+             no_endpoint, connect_failed, upstream_failed, timeout)",
+            request_errors.clone(),
         );
         registry.register(
             "config_reloads",
@@ -135,8 +135,7 @@ impl Default for Metrics {
             registry: Mutex::new(registry),
             requests,
             latency,
-            upstream_errors,
-            unrouted,
+            request_errors,
             reloads,
             watch_errors,
             status_writes,
@@ -152,6 +151,22 @@ fn status_class(class: u16) -> String {
 }
 
 impl Metrics {
+    /// The series of one route, resolved once so the request path does not look them up by
+    /// label (and allocate the labels) on every request.
+    pub fn route_series(&self, service: &str, version: &str, release: Option<&str>) -> RouteSeries {
+        let labels = LatencyLabels {
+            service: service.to_string(),
+            version: version.to_string(),
+            release: release.unwrap_or("").to_string(),
+        };
+        RouteSeries {
+            latency: self.latency.get_or_create_owned(&labels),
+            labels,
+            by_class: Default::default(),
+        }
+    }
+
+    #[cfg(test)]
     pub fn observe(
         &self,
         service: &str,
@@ -160,23 +175,8 @@ impl Metrics {
         status: StatusCode,
         took: Duration,
     ) {
-        let release = release.unwrap_or("").to_string();
-        let code = status_class(status.as_u16() / 100);
-        self.requests
-            .get_or_create(&RouteLabels {
-                service: service.to_string(),
-                version: version.to_string(),
-                release: release.clone(),
-                code,
-            })
-            .inc();
-        self.latency
-            .get_or_create(&LatencyLabels {
-                service: service.to_string(),
-                version: version.to_string(),
-                release,
-            })
-            .observe(took.as_secs_f64());
+        self.route_series(service, version, release)
+            .observe(self, status, took);
     }
 
     /// Drops the series of routes that no longer exist: canary releases come and go, and
@@ -200,12 +200,10 @@ impl Metrics {
         }
     }
 
-    pub fn upstream_error(&self) {
-        self.upstream_errors.inc();
-    }
-
-    pub fn unrouted(&self) {
-        self.unrouted.inc();
+    pub fn request_error(&self, reason: &'static str) {
+        self.request_errors
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn reload(&self, applied: bool) {
@@ -257,6 +255,30 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &registry);
         out
+    }
+}
+
+/// The series of one (service, version, release) route.
+pub struct RouteSeries {
+    labels: LatencyLabels,
+    latency: Histogram,
+    /// Request counters by status class (1xx..5xx), made on first use.
+    by_class: [OnceCell<Counter>; 5],
+}
+
+impl RouteSeries {
+    pub fn observe(&self, metrics: &Metrics, status: StatusCode, took: Duration) {
+        let class = (status.as_u16() / 100).clamp(1, 5);
+        let counter = self.by_class[usize::from(class - 1)].get_or_init(|| {
+            metrics.requests.get_or_create_owned(&RouteLabels {
+                service: self.labels.service.clone(),
+                version: self.labels.version.clone(),
+                release: self.labels.release.clone(),
+                code: status_class(class),
+            })
+        });
+        counter.inc();
+        self.latency.observe(took.as_secs_f64());
     }
 }
 

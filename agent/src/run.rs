@@ -21,7 +21,7 @@ use crate::{
     drain,
     kubernetes::{self, KubernetesOptions},
     metrics::Metrics,
-    proxy::{self, Listener, OriginalDestination, Pool, Proxy},
+    proxy::{OriginalDestination, Shared, WorkerListeners, Workers, bind_listener},
     state::Snapshot,
 };
 
@@ -48,6 +48,8 @@ pub struct RunOptions {
     /// Serve without the eBPF datapath (the proxy alone, e.g. behind the gateway only).
     pub no_ebpf: bool,
     pub drain_grace: Duration,
+    /// Proxy worker threads; `None`: one per CPU this process may run on.
+    pub workers: Option<usize>,
 }
 
 /// Where redirected pod connections arrive: an address of the node per IP family the pods
@@ -175,6 +177,22 @@ async fn bind(address: SocketAddr, what: &str) -> Result<TcpListener> {
         .with_context(|| format!("cannot listen on {address} ({what})"))
 }
 
+/// Raises the soft limit of open files to the hard limit: every client and upstream connection
+/// is a file descriptor, and the default soft limit (1024) is far below what a node needs.
+fn raise_file_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                warn!("cannot raise the open files limit");
+            }
+        }
+    }
+}
+
 /// The file's identity for change detection: modification time and length.
 fn stamp_of(path: &Path) -> Option<(SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
@@ -198,14 +216,25 @@ pub async fn run(options: RunOptions) -> Result<()> {
             (snapshot, Some(client))
         }
     };
-    let mut redirected = Vec::new();
-    for address in options.listen.all() {
-        redirected.push(bind(address, "--listen").await?);
+    raise_file_limit();
+    let workers = options
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // Every worker listens on every address (SO_REUSEPORT): the kernel spreads connections.
+    let mut listeners: Vec<WorkerListeners> =
+        (0..workers).map(|_| WorkerListeners::default()).collect();
+    for worker in &mut listeners {
+        for address in options.listen.all() {
+            let listener = bind_listener(address)
+                .with_context(|| format!("cannot listen on {address} (--listen)"))?;
+            worker.redirect.push(listener);
+        }
+        if let Some(address) = options.gateway {
+            let listener = bind_listener(address)
+                .with_context(|| format!("cannot listen on {address} (--gateway)"))?;
+            worker.gateway = Some(listener);
+        }
     }
-    let gateway = match options.gateway {
-        Some(address) => Some(bind(address, "--gateway").await?),
-        None => None,
-    };
     let admin_listener = bind(options.admin, "--admin").await?;
 
     let mut datapath = if options.no_ebpf {
@@ -236,13 +265,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     let state = Arc::new(ArcSwap::from_pointee(snapshot));
     let metrics = Arc::new(Metrics::default());
-    let proxy = Arc::new(Proxy {
-        state: state.clone(),
-        originals,
-        pool: Pool::default(),
-        metrics: metrics.clone(),
-    });
-    proxy.pool.purge_periodically();
     let admin = Arc::new(Admin {
         state: state.clone(),
         metrics: metrics.clone(),
@@ -258,21 +280,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     tokio::spawn(admin::serve(admin.clone(), admin_listener));
 
     let (trigger, drain) = drain::channel();
-    let mut listeners: Vec<_> = redirected
-        .into_iter()
-        .map(|listener| {
-            let serving = proxy::serve(proxy.clone(), listener, Listener::Redirect, drain.clone());
-            tokio::spawn(serving)
-        })
-        .collect();
-    if let Some(gateway) = gateway {
-        listeners.push(tokio::spawn(proxy::serve(
-            proxy.clone(),
-            gateway,
-            Listener::Gateway,
-            drain.clone(),
-        )));
-    }
+    let shared = Arc::new(Shared {
+        state: state.clone(),
+        originals,
+        metrics: metrics.clone(),
+    });
+    Workers::start(shared, listeners, drain.clone())?;
 
     let source = match (&options.source, kubernetes) {
         (Source::File(path), _) => tokio::spawn(watch_file(path.clone(), applier)),
@@ -285,8 +298,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     .map(|d| d.cgroup().to_path_buf()),
                 ..kube_options.clone()
             };
-            let apply: kubernetes::Apply =
-                Box::new(move |config| applier.apply(config, "kubernetes"));
+            // Building a snapshot is CPU work: off the runtime's worker, so the admin server
+            // and the watches keep going meanwhile.
+            let apply: kubernetes::Apply = Box::new(move |config| {
+                tokio::task::block_in_place(|| applier.apply(config, "kubernetes"))
+            });
             tokio::spawn(kubernetes::run(
                 client,
                 kube_options,
@@ -300,7 +316,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     drop(drain);
 
     admin.ready.store(true, Ordering::Relaxed);
-    info!(listen = %options.listen, admin = %options.admin, "steer is ready");
+    info!(listen = %options.listen, admin = %options.admin, workers, "steer is ready");
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -312,9 +328,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // requests in flight here finish.
     drop(datapath.lock().unwrap_or_else(|e| e.into_inner()).take());
     let finished = trigger.drain(options.drain_grace).await;
-    for listener in listeners {
-        let _ = listener.await;
-    }
     source.abort();
     if !finished {
         warn!(grace = ?options.drain_grace, "connections still open after the grace period");
@@ -335,8 +348,13 @@ async fn watch_file(path: PathBuf, applier: Applier) {
             continue;
         }
         seen = now;
+        // Parsing and checking are CPU work: on the blocking pool, never on a runtime thread.
         // Logged and counted by the applier.
-        let _ = applier.apply(Config::load(&path).map_err(Into::into), &origin);
+        let (path, origin, applier) = (path.clone(), origin.clone(), applier.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            applier.apply(Config::load(&path).map_err(Into::into), &origin)
+        })
+        .await;
     }
 }
 

@@ -27,14 +27,40 @@ pub type Route<'a> = (&'a str, &'a str, Option<&'a str>);
 pub struct Snapshot {
     pub config: Config,
     pub rules: Ruleset,
-    /// Service name -> its primary version's name.
-    primaries: HashMap<String, String>,
-    /// Service address -> service name.
-    by_address: HashMap<SocketAddr, String>,
-    /// Service -> version -> its endpoints.
-    endpoints: HashMap<String, HashMap<String, Arc<[Endpoint]>>>,
-    /// Services with a request timeout of their own.
-    request_timeouts: HashMap<String, Duration>,
+    /// The services, each with its versions resolved: what the request path reads.
+    services: Vec<ServiceRoutes>,
+    by_name: HashMap<Arc<str>, usize>,
+    /// Service address -> index in `services`.
+    by_address: HashMap<SocketAddr, usize>,
+}
+
+/// One service as the request path needs it: names shared (`Arc<str>`), so a request clones
+/// a pointer rather than building a `String`.
+#[derive(Debug)]
+pub struct ServiceRoutes {
+    pub name: Arc<str>,
+    pub versions: Vec<VersionRoutes>,
+    /// Index of the primary version in `versions`.
+    primary: usize,
+    /// How long its versions have to answer with response headers.
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct VersionRoutes {
+    pub name: Arc<str>,
+    pub endpoints: Arc<[Endpoint]>,
+}
+
+impl ServiceRoutes {
+    /// The version that serves a request scheduled to `release` (or to none): the release's
+    /// own version of this service if it has one, else the primary.
+    pub fn version_for(&self, release: Option<&CompiledRelease>) -> &VersionRoutes {
+        release
+            .and_then(|r| r.target(&self.name))
+            .and_then(|name| self.versions.iter().find(|v| &*v.name == name))
+            .unwrap_or(&self.versions[self.primary])
+    }
 }
 
 /// One pod of a version, with the requests in flight to it (for load balancing). The counter
@@ -128,75 +154,86 @@ impl Snapshot {
             });
             Rejected(report)
         })?;
-        let primaries = config
-            .services
-            .iter()
-            .filter_map(|s| Some((s.name.clone(), s.primary()?.name.clone())))
-            .collect();
         let counters: HashMap<SocketAddr, Arc<AtomicUsize>> = previous
             .into_iter()
-            .flat_map(|p| p.endpoints.values())
-            .flat_map(|versions| versions.values())
-            .flat_map(|endpoints| endpoints.iter())
+            .flat_map(|p| &p.services)
+            .flat_map(|service| &service.versions)
+            .flat_map(|version| version.endpoints.iter())
             .map(|e| (e.address, e.in_flight.clone()))
             .collect();
-        let request_timeouts = config
-            .services
-            .iter()
-            .filter_map(|s| Some((s.name.clone(), s.request_timeout?)))
-            .collect();
+        let mut services = Vec::with_capacity(config.services.len());
+        let mut by_name = HashMap::new();
         let mut by_address = HashMap::new();
-        let mut endpoints = HashMap::new();
+        // The checker guarantees exactly one primary per service; a service without one
+        // cannot be routed and is left out.
         for service in &config.services {
+            let Some(primary) = service.versions.iter().position(|v| v.primary) else {
+                continue;
+            };
+            let index = services.len();
+            let name: Arc<str> = service.name.as_str().into();
             for address in &service.addresses {
-                by_address.insert(*address, service.name.clone());
+                by_address.insert(*address, index);
             }
-            for version in &service.versions {
-                let list: Arc<[Endpoint]> = version
-                    .endpoints
-                    .iter()
-                    .map(|address| Endpoint {
-                        address: *address,
-                        in_flight: counters.get(address).cloned().unwrap_or_default(),
-                    })
-                    .collect();
-                endpoints
-                    .entry(service.name.clone())
-                    .or_insert_with(HashMap::new)
-                    .insert(version.name.clone(), list);
-            }
+            by_name.insert(name.clone(), index);
+            let versions = service
+                .versions
+                .iter()
+                .map(|version| VersionRoutes {
+                    name: version.name.as_str().into(),
+                    endpoints: version
+                        .endpoints
+                        .iter()
+                        .map(|address| Endpoint {
+                            address: *address,
+                            in_flight: counters.get(address).cloned().unwrap_or_default(),
+                        })
+                        .collect(),
+                })
+                .collect();
+            services.push(ServiceRoutes {
+                name,
+                versions,
+                primary,
+                request_timeout: service.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
+            });
         }
         Ok((
             Snapshot {
                 config,
                 rules,
-                primaries,
+                services,
+                by_name,
                 by_address,
-                endpoints,
-                request_timeouts,
             },
             report,
         ))
     }
 
-    /// The version of `service` that serves a request scheduled to `release` (or to none):
-    /// the release's own version if it has one, else the primary. `None`: unknown service.
+    /// A service by name.
+    pub fn service(&self, name: &str) -> Option<&ServiceRoutes> {
+        self.by_name.get(name).map(|&i| &self.services[i])
+    }
+
+    /// The service a caller reached by connecting to `address`.
+    pub fn service_at(&self, address: SocketAddr) -> Option<&ServiceRoutes> {
+        self.by_address.get(&address).map(|&i| &self.services[i])
+    }
+
+    /// The version of `service` that serves a request scheduled to `release` (or to none).
+    /// `None`: unknown service.
     pub fn version_for<'a>(
         &'a self,
         service: &str,
-        release: Option<&'a CompiledRelease>,
+        release: Option<&CompiledRelease>,
     ) -> Option<&'a str> {
-        release
-            .and_then(|r| r.target(service))
-            .or_else(|| self.primaries.get(service).map(String::as_str))
+        Some(&self.service(service)?.version_for(release).name)
     }
 
     /// How long `service`'s versions have to answer with response headers.
     pub fn request_timeout(&self, service: &str) -> Duration {
-        self.request_timeouts
-            .get(service)
-            .copied()
-            .unwrap_or(DEFAULT_REQUEST_TIMEOUT)
+        self.service(service)
+            .map_or(DEFAULT_REQUEST_TIMEOUT, |s| s.request_timeout)
     }
 
     /// The routes `previous` could take that this snapshot cannot: those of its releases and
@@ -229,22 +266,9 @@ impl Snapshot {
         routes
     }
 
-    /// The service a caller reached by connecting to `address`.
-    pub fn service_at(&self, address: SocketAddr) -> Option<&str> {
-        self.by_address.get(&address).map(String::as_str)
-    }
-
     /// Is `name` a service of this snapshot?
     pub fn has_service(&self, name: &str) -> bool {
-        self.primaries.contains_key(name)
-    }
-
-    /// The endpoints of one version of a service (empty when it has none ready).
-    pub fn endpoints(&self, service: &str, version: &str) -> &[Endpoint] {
-        self.endpoints
-            .get(service)
-            .and_then(|versions| versions.get(version))
-            .map_or(&[], |e| e)
+        self.by_name.contains_key(name)
     }
 
     /// Every service address, for the datapath's redirect map.

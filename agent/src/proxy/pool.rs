@@ -1,39 +1,117 @@
-//! Upstream connections: pooled keep-alive HTTP/1.1 connections and one multiplexed HTTP/2
-//! (prior knowledge, for h2c and gRPC callers) connection per endpoint.
+//! The upstream connections of one worker thread. Nothing here is shared between threads: no
+//! lock, no task per request or per return to the pool.
+//!
+//! HTTP/1.1 connections are driven by the task that uses them (see [`Http1Conn`]) and wait in
+//! the pool, unpolled, between requests; a sweep drops those their endpoint closed or that
+//! idled too long. HTTP/2 (h2c, gRPC) connections are multiplexed: one per endpoint and
+//! worker, running as a task of the worker.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
+    future::Future,
     net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
+    task::{Context, Poll, Waker},
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context as _, Result};
 use hyper::{
     Request, Response,
     body::Incoming,
     client::conn::{TrySendError, http1, http2},
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Idle HTTP/1.1 connections kept per endpoint.
-const MAX_IDLE_PER_ENDPOINT: usize = 64;
-/// How often connections their endpoints closed leave the pool.
-pub const PURGE_INTERVAL: Duration = Duration::from_secs(30);
+use super::LocalExec;
 
-/// A connection ready to carry one request.
-pub enum Upstream {
-    Http1(http1::SendRequest<Incoming>),
-    Http2(http2::SendRequest<Incoming>),
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Idle HTTP/1.1 connections kept per endpoint and worker: enough for a burst of a thousand
+/// concurrent clients not to turn into a connect per request.
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
+/// An idle connection unused this long is closed (upstreams close theirs after a while too).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the pool is swept.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+type Io = TokioIo<TcpStream>;
+
+/// An HTTP/1.1 upstream connection without a task of its own: whoever waits on it (the request
+/// in flight, then the response body) polls it, so request and response bytes move in the
+/// task of the client's connection, with no hand-off and no cross-thread wake-up.
+pub struct Http1Conn {
+    sender: http1::SendRequest<Incoming>,
+    /// `None` once the connection has ended. Boxed: it is large, and moves with every
+    /// check-in and check-out.
+    connection: Option<Box<http1::Connection<Io, Incoming>>>,
 }
 
-#[derive(Clone, Default)]
+impl Http1Conn {
+    pub async fn connect(endpoint: SocketAddr) -> Result<Http1Conn> {
+        let io = TokioIo::new(connect(endpoint).await?);
+        let (sender, connection) = http1::handshake(io)
+            .await
+            .with_context(|| format!("HTTP/1.1 handshake with {endpoint}"))?;
+        Ok(Http1Conn {
+            sender,
+            connection: Some(Box::new(connection)),
+        })
+    }
+
+    /// Moves bytes between the socket and the exchange in flight. False once the connection
+    /// has ended.
+    pub fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(connection) = &mut self.connection
+            && let Poll::Ready(result) = std::pin::Pin::new(&mut **connection).poll(cx)
+        {
+            if let Err(err) = result {
+                debug!(error = %err, "upstream connection ended");
+            }
+            self.connection = None;
+        }
+        self.connection.is_some()
+    }
+
+    /// Open, and done with its previous exchange. Polls without registering for a wake-up:
+    /// an idle connection belongs to no task.
+    fn is_reusable(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
+    }
+
+    /// Sends the request and drives the connection until the response head has arrived. An
+    /// error carrying the request back means it was not sent: it may go on another connection.
+    pub async fn send(
+        &mut self,
+        request: Request<Incoming>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Incoming>>> {
+        let mut response = std::pin::pin!(self.sender.try_send_request(request));
+        let connection = &mut self.connection;
+        std::future::poll_fn(|cx| {
+            if let Some(conn) = connection
+                && let Poll::Ready(result) = std::pin::Pin::new(&mut **conn).poll(cx)
+            {
+                if let Err(err) = result {
+                    debug!(error = %err, "upstream connection ended");
+                }
+                *connection = None;
+            }
+            response.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
+struct Idle {
+    conn: Http1Conn,
+    since: Instant,
+}
+
+#[derive(Default)]
 pub struct Pool {
-    idle: Arc<Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Incoming>>>>>,
-    multiplexed: Arc<Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>>,
+    idle: RefCell<HashMap<SocketAddr, Vec<Idle>>>,
+    multiplexed: RefCell<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
 }
 
 async fn connect(endpoint: SocketAddr) -> Result<TcpStream> {
@@ -46,145 +124,86 @@ async fn connect(endpoint: SocketAddr) -> Result<TcpStream> {
 }
 
 impl Pool {
-    /// A connection to `endpoint`: an idle pooled one, or a new one. An error here means the
-    /// request was not sent, so the caller may try another endpoint.
-    pub async fn get(&self, endpoint: SocketAddr, http2: bool) -> Result<Upstream> {
-        if http2 {
-            let existing = self
-                .multiplexed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&endpoint)
-                .filter(|s| !s.is_closed())
-                .cloned();
-            if let Some(sender) = existing {
-                return Ok(Upstream::Http2(sender));
-            }
-        } else {
-            loop {
-                let idle = self
-                    .idle
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_mut(&endpoint)
-                    .and_then(Vec::pop);
-                match idle {
-                    Some(sender) if sender.is_ready() => return Ok(Upstream::Http1(sender)),
-                    Some(_) => continue,
-                    None => break,
-                }
+    /// An idle connection to `endpoint`, most recently used first (its socket is warm).
+    pub fn check_out(&self, endpoint: SocketAddr) -> Option<Http1Conn> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&endpoint)?;
+        while let Some(mut entry) = list.pop() {
+            if entry.conn.is_reusable() {
+                return Some(entry.conn);
             }
         }
-        self.connect(endpoint, http2).await
+        None
     }
 
-    /// Drops the pooled connections their endpoints have closed, and so the entries of
-    /// endpoints that are gone: pods come and go, and a pool that kept an entry for every
-    /// pod it ever called would grow for as long as the agent runs.
-    pub fn purge_closed(&self) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, list| {
-                list.retain(|sender| !sender.is_closed());
-                !list.is_empty()
+    /// Keeps a connection whose exchange is complete for the next request to `endpoint`.
+    pub fn check_in(&self, endpoint: SocketAddr, mut conn: Http1Conn) {
+        if !conn.is_reusable() {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(endpoint).or_default();
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push(Idle {
+                conn,
+                since: Instant::now(),
             });
+        }
+    }
+
+    /// An idle connection to `endpoint` or a new one. An error means nothing was sent.
+    pub async fn http1(&self, endpoint: SocketAddr) -> Result<Http1Conn> {
+        match self.check_out(endpoint) {
+            Some(conn) => Ok(conn),
+            None => Http1Conn::connect(endpoint).await,
+        }
+    }
+
+    /// The worker's multiplexed HTTP/2 connection to `endpoint`, made on first use.
+    pub async fn http2(&self, endpoint: SocketAddr) -> Result<http2::SendRequest<Incoming>> {
+        let existing = self
+            .multiplexed
+            .borrow()
+            .get(&endpoint)
+            .filter(|s| !s.is_closed())
+            .cloned();
+        if let Some(sender) = existing {
+            return Ok(sender);
+        }
+        let io = TokioIo::new(connect(endpoint).await?);
+        let (sender, connection) = http2::handshake(LocalExec, io)
+            .await
+            .with_context(|| format!("HTTP/2 handshake with {endpoint}"))?;
+        tokio::task::spawn_local(async move {
+            if let Err(err) = connection.await {
+                debug!(%endpoint, error = %err, "upstream HTTP/2 connection ended");
+            }
+        });
         self.multiplexed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .borrow_mut()
+            .insert(endpoint, sender.clone());
+        Ok(sender)
+    }
+
+    /// Drops connections their endpoints closed or that idled past `IDLE_TIMEOUT`, and with
+    /// them the entries of endpoints that are gone: pods come and go, and a pool that kept an
+    /// entry for every pod it ever called would grow for as long as the agent runs.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.idle.borrow_mut().retain(|_, list| {
+            list.retain_mut(|entry| {
+                now.duration_since(entry.since) < IDLE_TIMEOUT && entry.conn.is_reusable()
+            });
+            !list.is_empty()
+        });
+        self.multiplexed
+            .borrow_mut()
             .retain(|_, sender| !sender.is_closed());
     }
 
-    /// Purges every `PURGE_INTERVAL`, for as long as the runtime runs.
-    pub fn purge_periodically(&self) {
-        let pool = self.clone();
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(PURGE_INTERVAL);
-            loop {
-                ticks.tick().await;
-                pool.purge_closed();
-            }
-        });
-    }
-
-    /// A new connection (for HTTP/2, it becomes the endpoint's shared one).
-    async fn connect(&self, endpoint: SocketAddr, http2: bool) -> Result<Upstream> {
-        let io = TokioIo::new(connect(endpoint).await?);
-        if http2 {
-            let (sender, connection) = http2::handshake(TokioExecutor::new(), io)
-                .await
-                .with_context(|| format!("HTTP/2 handshake with {endpoint}"))?;
-            tokio::spawn(async move {
-                if let Err(err) = connection.await {
-                    debug!(%endpoint, error = %err, "upstream HTTP/2 connection ended");
-                }
-            });
-            self.multiplexed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(endpoint, sender.clone());
-            return Ok(Upstream::Http2(sender));
-        }
-        let (sender, connection) = http1::handshake(io)
-            .await
-            .with_context(|| format!("HTTP/1.1 handshake with {endpoint}"))?;
-        tokio::spawn(async move {
-            // Upgrades (WebSocket) take the connection over after a 101.
-            if let Err(err) = connection.with_upgrades().await {
-                debug!(%endpoint, error = %err, "upstream connection ended");
-            }
-        });
-        Ok(Upstream::Http1(sender))
-    }
-
-    /// Sends the request. When a pooled connection turns out to be gone before the request
-    /// was written, it is sent once more on a fresh connection to the same endpoint. An
-    /// HTTP/1.1 connection returns to the pool once the response has been read to its end.
-    pub async fn send(
-        &self,
-        endpoint: SocketAddr,
-        upstream: Upstream,
-        request: Request<Incoming>,
-    ) -> Result<Response<Incoming>> {
-        let http2 = matches!(upstream, Upstream::Http2(_));
-        match self.try_send(endpoint, upstream, request).await {
-            Ok(response) => Ok(response),
-            Err(mut err) => match err.take_message() {
-                Some(request) => {
-                    debug!(%endpoint, error = %err.error(), "stale pooled connection; reconnecting");
-                    let fresh = self.connect(endpoint, http2).await?;
-                    self.try_send(endpoint, fresh, request)
-                        .await
-                        .map_err(|e| e.into_error().into())
-                }
-                None => Err(err.into_error().into()),
-            },
-        }
-    }
-
-    async fn try_send(
-        &self,
-        endpoint: SocketAddr,
-        upstream: Upstream,
-        request: Request<Incoming>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<Incoming>>> {
-        match upstream {
-            Upstream::Http2(mut sender) => sender.try_send_request(request).await,
-            Upstream::Http1(mut sender) => {
-                let response = sender.try_send_request(request).await?;
-                let idle = self.idle.clone();
-                tokio::spawn(async move {
-                    if sender.ready().await.is_ok() {
-                        let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
-                        let list = idle.entry(endpoint).or_default();
-                        if list.len() < MAX_IDLE_PER_ENDPOINT {
-                            list.push(sender);
-                        }
-                    }
-                });
-                Ok(response)
-            }
-        }
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        self.idle.borrow().values().map(Vec::len).sum()
     }
 }
 
@@ -193,93 +212,100 @@ mod tests {
     use std::convert::Infallible;
 
     use bytes::Bytes;
-    use http_body_util::Empty;
+    use http_body_util::{BodyExt, Full};
     use hyper::{server::conn::http1 as server, service::service_fn};
     use tokio::net::TcpListener;
 
     use super::*;
 
-    async fn listen() -> (TcpListener, SocketAddr) {
+    /// An upstream that answers every request on a connection with the connection's number.
+    async fn upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        (listener, address)
+        // Aborting the server drops the set, which ends every connection.
+        let server = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            for number in 0.. {
+                let (stream, _) = listener.accept().await.unwrap();
+                connections.spawn(async move {
+                    let service = service_fn(move |_| async move {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                            "{number}"
+                        )))))
+                    });
+                    let _ = server::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (address, server)
     }
 
-    /// Serves one keep-alive connection with `service`; the task ends the connection when
-    /// it is aborted.
-    fn serve_one<S>(listener: TcpListener, service: S) -> tokio::task::JoinHandle<()>
-    where
-        S: hyper::service::Service<Request<Incoming>, Response = Response<Empty<Bytes>>>
-            + Send
-            + 'static,
-        S::Future: Send,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
+    /// A request with a body of the kind the proxy forwards (one read from a connection).
+    async fn request_through(pool: &std::rc::Rc<Pool>, endpoint: SocketAddr) -> String {
+        // The proxy only forwards `Incoming` bodies: take one from a loopback exchange.
+        let (front, front_address) = {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            (listener, address)
+        };
+        let pool = pool.clone();
+        let front_server = tokio::task::spawn_local(async move {
+            let (stream, _) = front.accept().await.unwrap();
+            let service = service_fn(move |request: Request<Incoming>| {
+                let pool = pool.clone();
+                async move {
+                    let mut conn = pool.http1(endpoint).await.unwrap();
+                    let response = conn.send(request).await.unwrap();
+                    let body = super::super::body::PooledBody::new(
+                        response.into_body(),
+                        conn,
+                        endpoint,
+                        pool,
+                    );
+                    Ok::<_, Infallible>(Response::new(super::super::body::ProxyBody::Pooled(body)))
+                }
+            });
             let _ = server::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
-        })
-    }
-
-    #[tokio::test]
-    async fn connections_their_endpoint_closed_leave_the_pool() {
-        let (upstream_listener, upstream) = listen().await;
-        let upstream_server = serve_one(
-            upstream_listener,
-            service_fn(|_| async { Ok::<_, Infallible>(Response::new(Empty::new())) }),
-        );
-        // A front server that sends what it receives through the pool: the pool only carries
-        // requests that arrived over a connection.
-        let pool = Pool::default();
-        let (front_listener, front) = listen().await;
-        let front_pool = pool.clone();
-        let _front = serve_one(
-            front_listener,
-            service_fn(move |request: Request<Incoming>| {
-                let pool = front_pool.clone();
-                async move {
-                    let upstream_connection = pool.get(upstream, false).await.unwrap();
-                    let response = pool.send(upstream, upstream_connection, request).await;
-                    let status = response.unwrap().status();
-                    let mut answer = Response::new(Empty::new());
-                    *answer.status_mut() = status;
-                    Ok::<_, Infallible>(answer)
-                }
-            }),
-        );
-        let stream = TcpStream::connect(front).await.unwrap();
+        });
+        let stream = TcpStream::connect(front_address).await.unwrap();
         let (mut client, connection) = http1::handshake(TokioIo::new(stream)).await.unwrap();
-        tokio::spawn(connection);
+        tokio::task::spawn_local(connection);
         let request = Request::builder()
             .uri("/")
             .header("host", "test")
-            .body(Empty::<Bytes>::new())
+            .body(Full::new(Bytes::new()))
             .unwrap();
-        assert_eq!(client.send_request(request).await.unwrap().status(), 200);
+        let response = client.send_request(request).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        drop(client);
+        let _ = front_server.await;
+        String::from_utf8(body.to_vec()).unwrap()
+    }
 
-        let idle = || {
-            pool.idle
-                .lock()
-                .unwrap()
-                .values()
-                .map(Vec::len)
-                .sum::<usize>()
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while idle() != 1 {
-            assert!(tokio::time::Instant::now() < deadline, "never pooled");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        pool.purge_closed();
-        assert_eq!(idle(), 1, "an open connection stays");
+    #[tokio::test]
+    async fn connections_are_reused_once_their_response_is_read_and_swept_once_closed() {
+        tokio::task::LocalSet::new()
+            .run_until(async {
+                let (endpoint, server) = upstream().await;
+                let pool = std::rc::Rc::new(Pool::default());
+                assert_eq!(request_through(&pool, endpoint).await, "0");
+                assert_eq!(pool.idle_count(), 1, "back in the pool after its body");
+                assert_eq!(request_through(&pool, endpoint).await, "0", "reused");
+                pool.sweep();
+                assert_eq!(pool.idle_count(), 1, "an open connection stays");
 
-        upstream_server.abort();
-        while !pool.idle.lock().unwrap().is_empty() {
-            assert!(tokio::time::Instant::now() < deadline, "never purged");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            pool.purge_closed();
-        }
+                server.abort();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while pool.idle_count() > 0 {
+                    assert!(Instant::now() < deadline, "never swept");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    pool.sweep();
+                }
+            })
+            .await;
     }
 }

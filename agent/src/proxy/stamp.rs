@@ -52,19 +52,44 @@ pub fn strip(headers: &mut HeaderMap) {
     }
 }
 
-/// Stamps `release` on the request, keeping the other baggage members.
-pub fn write(headers: &mut HeaderMap, release: &str) {
-    let Ok(stamp) = HeaderValue::from_str(release) else {
-        return;
-    };
-    let others = other_members(headers);
-    let baggage = if others.is_empty() {
-        format!("{BAGGAGE_KEY}={release}")
+/// The header values that stamp one release, made once per release and worker: stamping a
+/// request without other baggage copies nothing.
+#[derive(Clone, Debug)]
+pub struct Stamp {
+    release: HeaderValue,
+    /// `steer-release=NAME`, the whole baggage header when the request carries no other member.
+    member: HeaderValue,
+}
+
+impl Stamp {
+    /// `None` for a name that cannot be a header value (the request then goes unstamped).
+    pub fn new(release: &str) -> Option<Stamp> {
+        Some(Stamp {
+            release: HeaderValue::from_str(release).ok()?,
+            member: HeaderValue::from_str(&format!("{BAGGAGE_KEY}={release}")).ok()?,
+        })
+    }
+
+    /// The release name as a header value (for the debug response header too).
+    pub fn value(&self) -> &HeaderValue {
+        &self.release
+    }
+}
+
+/// Stamps the request, keeping the other baggage members.
+pub fn write(headers: &mut HeaderMap, stamp: &Stamp) {
+    headers.insert(STAMP_HEADER, stamp.release.clone());
+    let others = if headers.contains_key(BAGGAGE_HEADER) {
+        other_members(headers)
     } else {
-        format!("{others},{BAGGAGE_KEY}={release}")
+        String::new()
     };
-    headers.insert(STAMP_HEADER, stamp);
-    if let Ok(value) = HeaderValue::from_str(&baggage) {
+    if others.is_empty() {
+        headers.insert(BAGGAGE_HEADER, stamp.member.clone());
+        return;
+    }
+    let member = stamp.member.to_str().unwrap_or_default();
+    if let Ok(value) = HeaderValue::from_str(&format!("{others},{member}")) {
         headers.insert(BAGGAGE_HEADER, value);
     }
 }
@@ -87,10 +112,19 @@ mod tests {
             ("baggage", "userId=alice, steer-release=old;p=1"),
             ("baggage", "k=v"),
         ]);
-        write(&mut map, "red");
+        write(&mut map, &Stamp::new("red").unwrap());
         assert_eq!(map["x-steer-release"], "red");
         assert_eq!(map["baggage"], "userId=alice,k=v,steer-release=red");
         assert_eq!(map.get_all("baggage").iter().count(), 1);
+    }
+
+    #[test]
+    fn write_without_other_baggage_sets_both_forms() {
+        let mut map = headers(&[("x-device", "android")]);
+        write(&mut map, &Stamp::new("blue").unwrap());
+        assert_eq!(map["x-steer-release"], "blue");
+        assert_eq!(map["baggage"], "steer-release=blue");
+        assert!(Stamp::new("bad\nname").is_none());
     }
 
     #[test]

@@ -1,0 +1,118 @@
+//! The body of every response the proxy returns. An enum rather than a boxed trait object: no
+//! allocation per response, and the pooled HTTP/1 case can drive its upstream connection.
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    rc::Rc,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use super::pool::{Http1Conn, Pool};
+
+pub enum ProxyBody {
+    /// steer's own answer (a refusal), or nothing.
+    Text(Option<Bytes>),
+    /// A response body whose connection runs on its own (HTTP/2, upgrades).
+    Streamed(Incoming),
+    /// A response body arriving on a pooled HTTP/1.1 connection that this body drives.
+    Pooled(PooledBody),
+}
+
+impl ProxyBody {
+    pub fn text(text: String) -> ProxyBody {
+        ProxyBody::Text(Some(Bytes::from(text)))
+    }
+}
+
+/// Streams an upstream's response and polls its connection in the same task (the one of the
+/// client's connection), so no bytes are handed between tasks. Once the body has been read to
+/// its end, the connection goes back to the worker's pool; a body dropped before its end takes
+/// the connection with it (the rest of the response would be in the way of the next one).
+pub struct PooledBody {
+    body: Incoming,
+    upstream: Option<Upstream>,
+}
+
+struct Upstream {
+    conn: Http1Conn,
+    endpoint: SocketAddr,
+    pool: Rc<Pool>,
+}
+
+impl PooledBody {
+    pub fn new(body: Incoming, conn: Http1Conn, endpoint: SocketAddr, pool: Rc<Pool>) -> Self {
+        PooledBody {
+            body,
+            upstream: Some(Upstream {
+                conn,
+                endpoint,
+                pool,
+            }),
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(upstream) = self.upstream.take() {
+            upstream.pool.check_in(upstream.endpoint, upstream.conn);
+        }
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Bodies known to be empty (HEAD, 204, content-length 0) are never polled.
+        if self.body.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Text(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
+            ProxyBody::Streamed(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Pooled(pooled) => {
+                if let Some(upstream) = &mut pooled.upstream {
+                    upstream.conn.drive(cx);
+                }
+                let frame = ready!(Pin::new(&mut pooled.body).poll_frame(cx));
+                match &frame {
+                    None => pooled.release(),
+                    Some(Ok(_)) if pooled.body.is_end_stream() => pooled.release(),
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => pooled.upstream = None,
+                }
+                Poll::Ready(frame)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Text(text) => text.is_none(),
+            ProxyBody::Streamed(body) => body.is_end_stream(),
+            ProxyBody::Pooled(pooled) => pooled.body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Text(text) => {
+                SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64))
+            }
+            ProxyBody::Streamed(body) => body.size_hint(),
+            ProxyBody::Pooled(pooled) => pooled.body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! The one error type of the request path. Each refusal knows its status code, the reason the
+//! client reads and the label it is counted under; `fail_to_proxy` is the one place that turns
+//! it into a response and counts it.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use http::{Response, StatusCode};
+
+use super::body::ProxyBody;
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no mesh service for this request (unknown destination and Host)")]
+    NoService,
+    /// The connection's service left the configuration while the connection was open.
+    #[error("unknown service `{0}`")]
+    UnknownService(Arc<str>),
+    #[error(
+        "no ready endpoint for {service}/{version} (release {release}); not sent to another version"
+    )]
+    NoEndpoint {
+        service: Arc<str>,
+        version: Arc<str>,
+        release: Arc<str>,
+    },
+    #[error("{service}/{version} (release {release}) unreachable: {cause:#}")]
+    Unreachable {
+        service: Arc<str>,
+        version: Arc<str>,
+        release: Arc<str>,
+        cause: anyhow::Error,
+    },
+    #[error("{endpoint} failed: {cause}")]
+    UpstreamFailed {
+        endpoint: SocketAddr,
+        cause: hyper::Error,
+    },
+    #[error("{endpoint} did not answer in time")]
+    Timeout { endpoint: SocketAddr },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoService | ProxyError::UnknownService(_) => StatusCode::NOT_FOUND,
+            ProxyError::NoEndpoint { .. } | ProxyError::Unreachable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The `reason` label of `steer_request_errors_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProxyError::NoService => "no_service",
+            ProxyError::UnknownService(_) => "unknown_service",
+            ProxyError::NoEndpoint { .. } => "no_endpoint",
+            ProxyError::Unreachable { .. } => "connect_failed",
+            ProxyError::UpstreamFailed { .. } => "upstream_failed",
+            ProxyError::Timeout { .. } => "timeout",
+        }
+    }
+}
+
+/// The response for a request steer could not proxy, counted by reason.
+pub fn fail_to_proxy(error: &ProxyError, metrics: &Metrics) -> Response<ProxyBody> {
+    metrics.request_error(error.label());
+    Response::builder()
+        .status(error.status())
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(ProxyBody::text(format!("steer: {error}\n")))
+        .expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_has_its_status_and_label() {
+        let name: Arc<str> = "restaurant".into();
+        let cases = [
+            (ProxyError::NoService, 404, "no_service"),
+            (
+                ProxyError::UnknownService(name.clone()),
+                404,
+                "unknown_service",
+            ),
+            (
+                ProxyError::NoEndpoint {
+                    service: name.clone(),
+                    version: "v2".into(),
+                    release: "red".into(),
+                },
+                503,
+                "no_endpoint",
+            ),
+            (
+                ProxyError::Timeout {
+                    endpoint: "10.0.0.1:80".parse().unwrap(),
+                },
+                504,
+                "timeout",
+            ),
+        ];
+        for (error, status, label) in cases {
+            assert_eq!(error.status().as_u16(), status, "{error}");
+            assert_eq!(error.label(), label);
+        }
+        let metrics = Metrics::default();
+        let response = fail_to_proxy(&ProxyError::NoService, &metrics);
+        assert_eq!(response.status(), 404);
+        assert!(
+            metrics
+                .encode()
+                .contains(r#"steer_request_errors_total{reason="no_service"} 1"#)
+        );
+    }
+}

@@ -1,0 +1,238 @@
+//! The request path around the routing decision: stamp and headers, an endpoint of the chosen
+//! version (one retry on a connect failure, never another version), the upstream exchange
+//! within the service's timeout, metrics and debug headers.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Instant};
+
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+use super::{
+    Listener,
+    balance::pick,
+    body::{PooledBody, ProxyBody},
+    error::{ProxyError, fail_to_proxy},
+    headers::{prepare_uri, remove_hop_by_hop},
+    pool::Http1Conn,
+    route::{Route, route},
+    stamp,
+    worker::{RouteEntry, Worker},
+};
+use crate::state::Endpoint;
+
+/// Serves one request of a client connection.
+pub async fn handle(
+    worker: &Worker,
+    listener: Listener,
+    connected: Option<&Arc<str>>,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let snapshot = worker.snapshot();
+    let metrics = &worker.shared.metrics;
+    let route = match route(&snapshot, listener, connected, &request) {
+        Ok(route) => route,
+        Err(err) => return fail_to_proxy(&err, metrics),
+    };
+    debug!(
+        service = &*route.service.name,
+        version = &*route.version.name,
+        release = route.release.map_or("-", |r| &*r.name),
+        method = %request.method(),
+        path = request.uri().path(),
+        "request"
+    );
+    let entry = worker.route_entry(&snapshot, &route);
+    let mut response = match forward(worker, &route, &entry, request).await {
+        Ok(response) => response,
+        Err(err) => fail_to_proxy(&err, metrics),
+    };
+    worker.observe(&entry, response.status(), started.elapsed());
+    if snapshot.config.debug_headers {
+        for (name, value) in &entry.debug_headers {
+            if let Some(value) = value {
+                response.headers_mut().insert(name, value.clone());
+            }
+        }
+    }
+    response
+}
+
+async fn forward(
+    worker: &Worker,
+    route: &Route<'_>,
+    entry: &RouteEntry,
+    mut request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let http2 = request.version() == Version::HTTP_2;
+    let upgrade = !http2 && request.headers().contains_key(http::header::UPGRADE);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    // Hop-by-hop first: a client's `Connection` header must not be able to remove our stamp.
+    remove_hop_by_hop(request.headers_mut(), upgrade);
+    if route.strip_incoming {
+        stamp::strip(request.headers_mut());
+    }
+    if route.stamp.is_some()
+        && let Some(stamp) = &entry.stamp
+    {
+        stamp::write(request.headers_mut(), stamp);
+    }
+    prepare_uri(&mut request, &route.service.name, http2);
+    let timeout = route.service.request_timeout;
+
+    if http2 {
+        let pool = &worker.pool;
+        let (endpoint, mut sender) = connect(route, |e| pool.http2(e)).await?;
+        let _in_flight = endpoint.start();
+        let response = within(timeout, endpoint.address, sender.send_request(request)).await?;
+        return Ok(response.map(ProxyBody::Streamed));
+    }
+    if let Some(client_upgrade) = client_upgrade {
+        let (endpoint, sender) = connect(route, upgradable).await?;
+        let _in_flight = endpoint.start();
+        return pass_upgrade(timeout, endpoint.address, sender, request, client_upgrade).await;
+    }
+    let pool = &worker.pool;
+    let (endpoint, mut conn) = connect(route, |e| pool.http1(e)).await?;
+    let _in_flight = endpoint.start();
+    let address = endpoint.address;
+    let response = tokio::time::timeout(timeout, async {
+        match conn.send(request).await {
+            Ok(response) => Ok(response),
+            // A pooled connection its endpoint had closed: the request was not sent, so it
+            // goes once more on a fresh connection to the same endpoint.
+            Err(mut err) => match err.take_message() {
+                Some(request) => {
+                    debug!(endpoint = %address, error = %err.error(), "stale pooled connection; reconnecting");
+                    conn = Http1Conn::connect(address)
+                        .await
+                        .map_err(|cause| unreachable(route, cause))?;
+                    conn.send(request)
+                        .await
+                        .map_err(|err| upstream_failed(address, err.into_error()))
+                }
+                None => Err(upstream_failed(address, err.into_error())),
+            },
+        }
+    })
+    .await
+    .map_err(|_| ProxyError::Timeout { endpoint: address })??;
+    let (mut parts, body) = response.into_parts();
+    remove_hop_by_hop(&mut parts.headers, false);
+    let body = PooledBody::new(body, conn, address, worker.pool.clone());
+    Ok(Response::from_parts(parts, ProxyBody::Pooled(body)))
+}
+
+/// A connection to an endpoint of the route's version: one retry on another endpoint of the
+/// same version when the first cannot be reached; never another version, since that would put
+/// the request in another release.
+async fn connect<'r, C, F>(
+    route: &'r Route<'_>,
+    mut open: F,
+) -> Result<(&'r Endpoint, C), ProxyError>
+where
+    F: AsyncFnMut(SocketAddr) -> anyhow::Result<C>,
+{
+    let endpoints = &route.version.endpoints;
+    let Some(first) = pick(endpoints, None) else {
+        return Err(ProxyError::NoEndpoint {
+            service: route.service.name.clone(),
+            version: route.version.name.clone(),
+            release: release_name(route),
+        });
+    };
+    let err = match open(first.address).await {
+        Ok(conn) => return Ok((first, conn)),
+        Err(err) => err,
+    };
+    let Some(other) = pick(endpoints, Some(first.address)) else {
+        return Err(unreachable(route, err));
+    };
+    debug!(endpoint = %first.address, error = %format!("{err:#}"), "connect failed; retrying another endpoint");
+    match open(other.address).await {
+        Ok(conn) => Ok((other, conn)),
+        Err(err) => Err(unreachable(route, err)),
+    }
+}
+
+fn release_name(route: &Route) -> Arc<str> {
+    route
+        .release
+        .map_or_else(|| Arc::from("none"), |r| r.name.clone())
+}
+
+fn unreachable(route: &Route, cause: anyhow::Error) -> ProxyError {
+    ProxyError::Unreachable {
+        service: route.service.name.clone(),
+        version: route.version.name.clone(),
+        release: release_name(route),
+        cause,
+    }
+}
+
+fn upstream_failed(endpoint: SocketAddr, cause: hyper::Error) -> ProxyError {
+    ProxyError::UpstreamFailed { endpoint, cause }
+}
+
+/// The exchange up to the response headers, within the service's request timeout.
+async fn within<T>(
+    timeout: std::time::Duration,
+    endpoint: SocketAddr,
+    exchange: impl Future<Output = hyper::Result<T>>,
+) -> Result<T, ProxyError> {
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result.map_err(|cause| upstream_failed(endpoint, cause)),
+        Err(_) => Err(ProxyError::Timeout { endpoint }),
+    }
+}
+
+/// A connection of its own for an upgrade (WebSocket): after a 101 it becomes a tunnel.
+async fn upgradable(
+    endpoint: SocketAddr,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Incoming>> {
+    use anyhow::Context as _;
+    let stream = tokio::time::timeout(
+        super::pool::CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(endpoint),
+    )
+    .await
+    .with_context(|| format!("connect to {endpoint} timed out"))?
+    .with_context(|| format!("connect to {endpoint}"))?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .with_context(|| format!("HTTP/1.1 handshake with {endpoint}"))?;
+    tokio::task::spawn_local(async move {
+        if let Err(err) = connection.with_upgrades().await {
+            debug!(%endpoint, error = %err, "upstream upgrade connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+async fn pass_upgrade(
+    timeout: std::time::Duration,
+    endpoint: SocketAddr,
+    mut sender: hyper::client::conn::http1::SendRequest<Incoming>,
+    request: Request<Incoming>,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let mut response = within(timeout, endpoint, sender.send_request(request)).await?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::task::spawn_local(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+                Err(err) => debug!(error = %err, "upgrade failed"),
+            }
+        });
+    } else {
+        remove_hop_by_hop(response.headers_mut(), false);
+    }
+    Ok(response.map(ProxyBody::Streamed))
+}

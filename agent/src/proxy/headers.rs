@@ -1,0 +1,168 @@
+//! What the proxy does to headers and URIs on the way through: hop-by-hop headers (RFC 9110
+//! section 7.6.1) and the upstream's request target.
+
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
+
+/// Headers that describe one connection, not the request (RFC 9110 section 7.6.1), plus the
+/// ones the Connection header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if let Some(connection) = headers.get(http::header::CONNECTION)
+        && !is_plain_connection_value(connection)
+    {
+        let named: Vec<HeaderName> = headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(keep_upgrade && name == http::header::UPGRADE) {
+                headers.remove(name);
+            }
+        }
+    }
+    // `te: trailers` is kept: gRPC servers require it, and it means the same on every hop.
+    let te_trailers = headers
+        .get(http::header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in [
+        http::header::TE,
+        http::header::TRAILER,
+        http::header::TRANSFER_ENCODING,
+        http::header::PROXY_AUTHENTICATE,
+        http::header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
+    if keep_upgrade {
+        headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+    } else {
+        headers.remove(http::header::CONNECTION);
+        headers.remove(http::header::UPGRADE);
+    }
+}
+
+/// `Connection: keep-alive` or `close` alone names no other header: the common case, which
+/// needs no list of names built.
+fn is_plain_connection_value(value: &HeaderValue) -> bool {
+    let value = value.as_bytes();
+    value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
+}
+
+/// HTTP/1.1 upstreams take the origin form; HTTP/2 needs scheme and authority.
+pub fn prepare_uri<B>(request: &mut Request<B>, service: &str, http2: bool) {
+    if !http2 {
+        // Only an absolute-form target (a proxy-style request) needs rewriting.
+        if request.uri().authority().is_some() {
+            let origin = request
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            if let Ok(uri) = origin.parse::<Uri>() {
+                *request.uri_mut() = uri;
+            }
+        }
+        if !request.headers().contains_key(http::header::HOST)
+            && let Ok(host) = HeaderValue::from_str(service)
+        {
+            request.headers_mut().insert(http::header::HOST, host);
+        }
+        return;
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .map_or(service.to_string(), |a| a.to_string());
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    if let Ok(uri) = format!("http://{authority}{path}").parse::<Uri>() {
+        *request.uri_mut() = uri;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    fn names(map: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn connection_scoped_headers_do_not_cross_the_proxy() {
+        let mut map = headers(&[
+            ("connection", "keep-alive, x-session-secret"),
+            ("x-session-secret", "42"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("trailer", "grpc-status"),
+            ("upgrade", "websocket"),
+            ("x-device", "android"),
+            ("baggage", "steer-release=red"),
+        ]);
+        remove_hop_by_hop(&mut map, false);
+        // Upgrade is only kept for an upgrade the proxy passes through.
+        assert_eq!(names(&map), ["baggage", "x-device"]);
+        let mut plain = headers(&[("connection", "Keep-Alive"), ("x-device", "ios")]);
+        remove_hop_by_hop(&mut plain, false);
+        assert_eq!(names(&plain), ["x-device"]);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_upgrade_and_connection_headers() {
+        let mut map = headers(&[
+            ("connection", "Upgrade, x-other"),
+            ("upgrade", "websocket"),
+            ("x-other", "1"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ]);
+        remove_hop_by_hop(&mut map, true);
+        assert_eq!(names(&map), ["connection", "sec-websocket-key", "upgrade"]);
+        assert_eq!(map["connection"], "upgrade");
+    }
+
+    #[test]
+    fn te_trailers_is_kept_for_grpc_and_other_te_values_are_not() {
+        let mut map = headers(&[("te", "trailers")]);
+        remove_hop_by_hop(&mut map, false);
+        assert_eq!(map["te"], "trailers");
+        let mut map = headers(&[("te", "gzip, trailers")]);
+        remove_hop_by_hop(&mut map, false);
+        assert!(map.get("te").is_none());
+    }
+
+    #[test]
+    fn upstream_targets_are_origin_form_for_http1_and_absolute_for_http2() {
+        let mut absolute = Request::builder()
+            .uri("http://restaurant:80/menu?x=1")
+            .body(())
+            .unwrap();
+        prepare_uri(&mut absolute, "restaurant", false);
+        assert_eq!(absolute.uri(), "/menu?x=1");
+        assert_eq!(absolute.headers()["host"], "restaurant");
+        let mut origin = Request::builder().uri("/menu").body(()).unwrap();
+        prepare_uri(&mut origin, "restaurant", true);
+        assert_eq!(origin.uri(), "http://restaurant/menu");
+    }
+}

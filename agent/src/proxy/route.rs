@@ -1,0 +1,336 @@
+//! The routing decision: which service, release and version a request gets, and what happens to
+//! its stamp. A pure function of the snapshot, the listener, the connection's service and the
+//! request, so every rule below is unit-tested without sockets or root:
+//!
+//! - at the gateway any incoming stamp is stripped and the rules decide;
+//! - inside the mesh a stamp naming a release in force is the decision (decide once);
+//! - a stamp naming a release this snapshot does not have (one just retired) means primary, and
+//!   the stamp stays: deciding again could move the request into another release halfway along
+//!   its chain;
+//! - no stamp: the rules decide, and the winner is stamped.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, Request};
+
+use super::{Listener, error::ProxyError, stamp};
+use crate::{
+    rules::CompiledRelease,
+    state::{ServiceRoutes, Snapshot, VersionRoutes},
+};
+
+/// The longest Host worth looking at: a DNS name (253) with a port.
+const MAX_HOST_LEN: usize = 253 + 6;
+
+/// Where one request goes.
+#[derive(Debug)]
+pub struct Route<'s> {
+    pub service: &'s ServiceRoutes,
+    pub version: &'s VersionRoutes,
+    pub release: Option<&'s CompiledRelease>,
+    /// Remove the stamp the request came with (north-south traffic).
+    pub strip_incoming: bool,
+    /// The release to stamp on the request before it is forwarded.
+    pub stamp: Option<&'s str>,
+}
+
+/// Decides the route of `request`. `connected` is the service the client's connection was
+/// redirected to (from the datapath), if any.
+pub fn route<'s, B>(
+    snapshot: &'s Snapshot,
+    listener: Listener,
+    connected: Option<&Arc<str>>,
+    request: &Request<B>,
+) -> Result<Route<'s>, ProxyError> {
+    let service = match connected {
+        Some(name) => snapshot
+            .service(name)
+            .ok_or_else(|| ProxyError::UnknownService(name.clone()))?,
+        None => service_from_request(snapshot, listener, request).ok_or(ProxyError::NoService)?,
+    };
+    let headers: &HeaderMap = request.headers();
+    let (release, strip_incoming, stamp) = match listener {
+        Listener::Gateway => {
+            let release = snapshot.rules.decide(headers);
+            (release, true, release)
+        }
+        Listener::Redirect => match stamp::read(headers) {
+            // Retired: primary, and the stamp is left as it came.
+            Some(name) => match snapshot.rules.get(name) {
+                Some(release) => (Some(release), false, Some(release)),
+                None => (None, false, None),
+            },
+            None => {
+                let release = snapshot.rules.decide(headers);
+                (release, false, release)
+            }
+        },
+    };
+    Ok(Route {
+        service,
+        version: service.version_for(release),
+        release,
+        strip_incoming,
+        stamp: stamp.map(|r| &*r.name),
+    })
+}
+
+/// The service a request is for when its connection did not say: the gateway's routes, or a
+/// Host naming a service (by name, or one of its addresses).
+fn service_from_request<'s, B>(
+    snapshot: &'s Snapshot,
+    listener: Listener,
+    request: &Request<B>,
+) -> Option<&'s ServiceRoutes> {
+    let host = request
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    if host.len() > MAX_HOST_LEN {
+        return None;
+    }
+    let bare_host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    if listener == Listener::Gateway {
+        let path = request.uri().path();
+        let routed = snapshot.config.gateway.routes.iter().find(|route| {
+            route
+                .host
+                .as_deref()
+                .is_none_or(|h| h.eq_ignore_ascii_case(bare_host))
+                && route
+                    .path_prefix
+                    .as_deref()
+                    .is_none_or(|p| path.starts_with(p))
+        });
+        if let Some(route) = routed {
+            return snapshot.service(&route.service);
+        }
+    }
+    if let Ok(address) = host.parse() {
+        return snapshot.service_at(address);
+    }
+    // The longest leading part that names a service: `restaurant.food.svc.cluster.local` is
+    // `restaurant.food` on Kubernetes and `restaurant` in a file.
+    let mut name = bare_host;
+    loop {
+        if let Some(service) = snapshot.service(name) {
+            return Some(service);
+        }
+        name = name.rsplit_once('.')?.0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn snapshot(extra: &str) -> Snapshot {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/examples/food-delivery.yaml"
+        );
+        let text = std::fs::read_to_string(path).unwrap() + extra;
+        Snapshot::build(Config::from_yaml(&text, "test").unwrap())
+            .unwrap()
+            .0
+    }
+
+    fn request(headers: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::builder().uri("/menu");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    /// (service, version, release, strip_incoming, stamp) of a route, for comparing.
+    fn summary(route: Route) -> (String, String, Option<String>, bool, Option<String>) {
+        (
+            route.service.name.to_string(),
+            route.version.name.to_string(),
+            route.release.map(|r| r.name.to_string()),
+            route.strip_incoming,
+            route.stamp.map(str::to_string),
+        )
+    }
+
+    fn routed(
+        snapshot: &Snapshot,
+        listener: Listener,
+        connected: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (String, String, Option<String>, bool, Option<String>) {
+        let connected = connected.map(Arc::<str>::from);
+        summary(route(snapshot, listener, connected.as_ref(), &request(headers)).unwrap())
+    }
+
+    fn s(text: &str) -> String {
+        text.to_string()
+    }
+
+    #[test]
+    fn without_a_stamp_the_rules_decide_and_the_winner_is_stamped() {
+        let snapshot = snapshot("");
+        let android_atlantis = [("x-device", "android"), ("x-region", "atlantis")];
+        assert_eq!(
+            routed(
+                &snapshot,
+                Listener::Redirect,
+                Some("restaurant"),
+                &android_atlantis
+            ),
+            (
+                s("restaurant"),
+                s("v2-red"),
+                Some(s("red")),
+                false,
+                Some(s("red"))
+            )
+        );
+        // Red has no delivery version: its requests go to delivery's primary, still stamped.
+        assert_eq!(
+            routed(
+                &snapshot,
+                Listener::Redirect,
+                Some("delivery"),
+                &android_atlantis
+            ),
+            (
+                s("delivery"),
+                s("v1"),
+                Some(s("red")),
+                false,
+                Some(s("red"))
+            )
+        );
+        assert_eq!(
+            routed(&snapshot, Listener::Redirect, Some("delivery"), &[]),
+            (s("delivery"), s("v1"), None, false, None)
+        );
+    }
+
+    #[test]
+    fn inside_the_mesh_a_stamp_is_the_decision() {
+        let snapshot = snapshot("");
+        // Tags say red, the stamp says green: the first hop decided green.
+        let headers = [
+            ("x-device", "android"),
+            ("x-region", "atlantis"),
+            ("baggage", "steer-release=green"),
+        ];
+        assert_eq!(
+            routed(&snapshot, Listener::Redirect, Some("delivery"), &headers),
+            (
+                s("delivery"),
+                s("v2-green"),
+                Some(s("green")),
+                false,
+                Some(s("green"))
+            )
+        );
+    }
+
+    #[test]
+    fn a_retired_stamp_means_primary_and_stays_on_the_request() {
+        let snapshot = snapshot("");
+        let headers = [("x-device", "android"), ("x-steer-release", "gone")];
+        assert_eq!(
+            routed(&snapshot, Listener::Redirect, Some("restaurant"), &headers),
+            (s("restaurant"), s("v1"), None, false, None)
+        );
+    }
+
+    #[test]
+    fn the_gateway_strips_incoming_stamps_and_decides_from_the_tags() {
+        let snapshot = snapshot("");
+        let forged = [("x-steer-release", "red"), ("host", "restaurant")];
+        assert_eq!(
+            routed(&snapshot, Listener::Gateway, None, &forged),
+            (s("restaurant"), s("v1"), None, true, None)
+        );
+        let tagged = [("x-device", "android"), ("host", "restaurant:80")];
+        assert_eq!(
+            routed(&snapshot, Listener::Gateway, None, &tagged),
+            (
+                s("restaurant"),
+                s("v2-blue"),
+                Some(s("blue")),
+                true,
+                Some(s("blue"))
+            )
+        );
+    }
+
+    #[test]
+    fn the_gateway_routes_by_host_and_path_before_the_host_names_a_service() {
+        let routes = "gateway:\n  routes:\n    - { host: shop.example, pathPrefix: /menu, service: restaurant }\n    - { service: order }\n";
+        let snapshot = snapshot(routes);
+        let shop = [("host", "SHOP.example:8080")];
+        assert_eq!(
+            routed(&snapshot, Listener::Gateway, None, &shop).0,
+            "restaurant"
+        );
+        // The catch-all route wins over a Host naming a service.
+        let named = [("host", "delivery")];
+        assert_eq!(
+            routed(&snapshot, Listener::Gateway, None, &named).0,
+            "order"
+        );
+        // Routes are the gateway's: a redirected connection without a service uses the Host.
+        assert_eq!(
+            routed(&snapshot, Listener::Redirect, None, &named).0,
+            "delivery"
+        );
+    }
+
+    #[test]
+    fn a_host_names_a_service_by_its_longest_leading_part_or_by_address() {
+        let snapshot = snapshot("");
+        for host in [
+            "restaurant",
+            "restaurant:80",
+            "restaurant.food.svc.cluster.local",
+            "10.96.0.20:80",
+        ] {
+            let found = routed(&snapshot, Listener::Gateway, None, &[("host", host)]);
+            assert_eq!(found.0, "restaurant", "{host}");
+        }
+    }
+
+    #[test]
+    fn unknown_destinations_are_refused_with_their_reason() {
+        let snapshot = snapshot("");
+        let refused = |listener, connected: Option<&str>, host: &str| {
+            let connected = connected.map(Arc::<str>::from);
+            route(
+                &snapshot,
+                listener,
+                connected.as_ref(),
+                &request(&[("host", host)]),
+            )
+            .unwrap_err()
+        };
+        assert!(matches!(
+            refused(Listener::Gateway, None, "nowhere.example"),
+            ProxyError::NoService
+        ));
+        assert!(matches!(
+            refused(Listener::Gateway, None, "10.96.0.99:80"),
+            ProxyError::NoService
+        ));
+        // A Host longer than any DNS name is not looked at, however many labels it has.
+        let long = "a.".repeat(16_000) + "restaurant";
+        assert!(matches!(
+            refused(Listener::Gateway, None, &long),
+            ProxyError::NoService
+        ));
+        // The connection's service left the configuration while it was open.
+        assert!(matches!(
+            refused(Listener::Redirect, Some("payments"), "restaurant"),
+            ProxyError::UnknownService(name) if &*name == "payments"
+        ));
+    }
+}

@@ -1,0 +1,434 @@
+//! Worker threads: each runs a single-threaded runtime with its own `SO_REUSEPORT` listeners
+//! (the kernel spreads new connections across them) and its own upstream pool. A connection
+//! stays on the worker that accepted it; nothing on the request path crosses threads.
+
+use std::{
+    cell::{Cell, RefCell},
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    rc::Rc,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use arc_swap::{ArcSwap, cache::Cache};
+use http::{HeaderName, HeaderValue, StatusCode};
+use hyper::{server::conn::http1, server::conn::http2, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use super::stamp::Stamp;
+use super::{
+    Listener, LocalExec, MAX_HEADER_BYTES, Shared, forward::handle, l4, pool::Pool,
+    pool::SWEEP_INTERVAL, route::Route,
+};
+use crate::{drain::Drain, metrics::RouteSeries, state::Snapshot};
+
+/// After a failed accept (out of file descriptors, say) the worker waits this long before the
+/// next one, instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a redirected connection may stay silent before it is taken for a server-first
+/// protocol and relayed at L4.
+const SNIFF_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// The listening sockets of one worker.
+#[derive(Default)]
+pub struct WorkerListeners {
+    pub redirect: Vec<std::net::TcpListener>,
+    pub gateway: Option<std::net::TcpListener>,
+}
+
+/// A listening socket that other workers can bind too (`SO_REUSEPORT`): bound here, on the
+/// caller's thread, so a busy address fails the start with a clear error.
+pub fn bind_listener(address: SocketAddr) -> Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// The running workers.
+pub struct Workers {
+    pub count: usize,
+}
+
+impl Workers {
+    /// Starts one worker thread per entry of `listeners`. The threads run until the process
+    /// exits: on drain their listeners close and their connections finish.
+    pub fn start(
+        shared: Arc<Shared>,
+        listeners: Vec<WorkerListeners>,
+        drain: Drain,
+    ) -> Result<Workers> {
+        let count = listeners.len();
+        for (index, listeners) in listeners.into_iter().enumerate() {
+            let shared = shared.clone();
+            let drain = drain.clone();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start a worker's runtime")?;
+            std::thread::Builder::new()
+                .name(format!("steer-worker-{index}"))
+                .spawn(move || {
+                    let local = tokio::task::LocalSet::new();
+                    local.block_on(&runtime, run(shared, listeners, drain));
+                })
+                .context("cannot start a worker thread")?;
+        }
+        Ok(Workers { count })
+    }
+}
+
+async fn run(shared: Arc<Shared>, listeners: WorkerListeners, drain: Drain) {
+    let worker = Rc::new(Worker::new(shared));
+    let sweeping = worker.clone();
+    tokio::task::spawn_local(async move {
+        let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            ticks.tick().await;
+            sweeping.pool.sweep();
+            sweeping.connections.give_back_memory();
+        }
+    });
+    let gateway = listeners.gateway.map(|l| (l, Listener::Gateway));
+    let all = listeners
+        .redirect
+        .into_iter()
+        .map(|l| (l, Listener::Redirect))
+        .chain(gateway);
+    for (listener, kind) in all {
+        match TcpListener::from_std(listener) {
+            Ok(listener) => {
+                tokio::task::spawn_local(serve(worker.clone(), listener, kind, drain.clone()));
+            }
+            Err(err) => warn!(error = %err, "cannot register a listener with the worker"),
+        }
+    }
+    drop(drain);
+    // Connections are tasks of this worker: keep running them until the process exits.
+    std::future::pending::<()>().await;
+}
+
+/// One worker's state. Only its own thread touches it.
+pub struct Worker {
+    pub shared: Arc<Shared>,
+    pub pool: Rc<Pool>,
+    connections: Connections,
+    snapshot: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
+    routes: RefCell<RouteCache>,
+}
+
+/// The client connections a worker holds, for handing memory back once many have closed.
+#[derive(Default)]
+struct Connections {
+    open: Cell<usize>,
+    /// The most open since memory was last handed back.
+    peak: Cell<usize>,
+}
+
+/// Handing memory back costs a walk of the allocator's arenas: only after this many closed.
+const TRIM_AFTER_CLOSED: usize = 256;
+
+impl Connections {
+    fn opened(&self) -> ConnectionGuard<'_> {
+        self.open.set(self.open.get() + 1);
+        self.peak.set(self.peak.get().max(self.open.get()));
+        ConnectionGuard(self)
+    }
+
+    /// A burst of connections leaves freed buffers in the allocator's per-thread arenas;
+    /// without this an agent that once held 10,000 connections keeps their memory forever.
+    fn give_back_memory(&self) {
+        if self.peak.get() - self.open.get() >= TRIM_AFTER_CLOSED {
+            // SAFETY: malloc_trim only releases free memory of the allocator.
+            unsafe { libc::malloc_trim(0) };
+            self.peak.set(self.open.get());
+        }
+    }
+}
+
+struct ConnectionGuard<'a>(&'a Connections);
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        self.0.open.set(self.0.open.get() - 1);
+    }
+}
+
+/// What a worker resolves once per route and configuration, so a request builds no label or
+/// header value: the route's metric series, the stamp it puts on requests and the values of
+/// the debug response headers.
+pub struct RouteEntry {
+    series: RouteSeries,
+    pub stamp: Option<Stamp>,
+    /// `x-steer-service`, `x-steer-version`, `x-steer-release`.
+    pub debug_headers: [(HeaderName, Option<HeaderValue>); 3],
+}
+
+/// Route entries, for the snapshot they were resolved in.
+#[derive(Default)]
+struct RouteCache {
+    snapshot: Option<Arc<Snapshot>>,
+    /// Keyed by the addresses of the route's parts in `snapshot`, which keeps them alive.
+    routes: HashMap<(usize, usize, usize), Rc<RouteEntry>>,
+}
+
+impl Worker {
+    fn new(shared: Arc<Shared>) -> Worker {
+        Worker {
+            snapshot: RefCell::new(Cache::new(shared.state.clone())),
+            shared,
+            pool: Rc::default(),
+            connections: Connections::default(),
+            routes: RefCell::default(),
+        }
+    }
+
+    /// The snapshot in force (a pointer comparison unless it changed).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow_mut().load().clone()
+    }
+
+    /// The entry of `route`, a route of `snapshot`.
+    pub fn route_entry(&self, snapshot: &Arc<Snapshot>, route: &Route) -> Rc<RouteEntry> {
+        let mut cache = self.routes.borrow_mut();
+        if !cache
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, snapshot))
+        {
+            cache.snapshot = Some(snapshot.clone());
+            cache.routes.clear();
+        }
+        let key = (
+            std::ptr::from_ref(route.service) as usize,
+            std::ptr::from_ref(route.version) as usize,
+            route.release.map_or(0, |r| std::ptr::from_ref(r) as usize),
+        );
+        let metrics = &self.shared.metrics;
+        cache
+            .routes
+            .entry(key)
+            .or_insert_with(|| {
+                let release = route.release.map(|r| &*r.name);
+                let stamp = release.and_then(Stamp::new);
+                let value = |name: &str| HeaderValue::from_str(name).ok();
+                Rc::new(RouteEntry {
+                    series: metrics.route_series(&route.service.name, &route.version.name, release),
+                    debug_headers: [
+                        (
+                            HeaderName::from_static("x-steer-service"),
+                            value(&route.service.name),
+                        ),
+                        (
+                            HeaderName::from_static("x-steer-version"),
+                            value(&route.version.name),
+                        ),
+                        (
+                            HeaderName::from_static("x-steer-release"),
+                            stamp.as_ref().map(|s| s.value().clone()),
+                        ),
+                    ],
+                    stamp,
+                })
+            })
+            .clone()
+    }
+
+    /// Counts a request and its latency under its route.
+    pub fn observe(&self, entry: &RouteEntry, status: StatusCode, took: Duration) {
+        entry.series.observe(&self.shared.metrics, status, took);
+    }
+}
+
+/// Accepts connections until the drain starts.
+async fn serve(worker: Rc<Worker>, listener: TcpListener, kind: Listener, mut drain: Drain) {
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = drain.signaled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tokio::task::spawn_local(connection(
+                    worker.clone(),
+                    stream,
+                    peer,
+                    kind,
+                    drain.clone(),
+                ));
+            }
+            Err(err) => {
+                // One line a second at most: a full file table must not fill the disk too.
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    warn!(error = %err, "accept failed; backing off");
+                    last_warning = Some(Instant::now());
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// What a client's first bytes say it speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+    /// Not HTTP, or nothing within the sniff timeout (a server-first protocol).
+    Other,
+}
+
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+/// The HTTP/2 connection preface (h2c with prior knowledge, gRPC).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// Classifies the first bytes a client sent, or `None` while they could still be either.
+fn classify(first: &[u8]) -> Option<Protocol> {
+    if first.is_empty() {
+        return Some(Protocol::Other);
+    }
+    let starts = |prefix: &[u8]| prefix.starts_with(&first[..first.len().min(prefix.len())]);
+    if first.len() < H2_PREFACE.len() && starts(H2_PREFACE) {
+        return None;
+    }
+    if first.starts_with(H2_PREFACE) {
+        Some(Protocol::Http2)
+    } else if METHODS.iter().any(|method| starts(method)) {
+        Some(Protocol::Http1)
+    } else {
+        Some(Protocol::Other)
+    }
+}
+
+/// Peeks at the client's first bytes (they stay in the socket for the server to read).
+async fn sniff(stream: &TcpStream) -> Protocol {
+    let mut buf = [0u8; 16];
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    loop {
+        let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
+        let Ok(Ok(n)) = peeked else {
+            return Protocol::Other;
+        };
+        if let Some(protocol) = classify(&buf[..n]) {
+            return protocol;
+        }
+        // A partial preface: the bytes stay readable, so wait a moment rather than for them.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn connection(
+    worker: Rc<Worker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: Listener,
+    mut drain: Drain,
+) {
+    let _open = worker.connections.opened();
+    let _ = stream.set_nodelay(true);
+    // The original destination is known only at accept time: the record is keyed by the peer.
+    let original = match (kind, &worker.shared.originals) {
+        (Listener::Redirect, Some(originals)) => originals.take(peer),
+        _ => None,
+    };
+    let connected: Option<Arc<str>> =
+        original.and_then(|address| Some(worker.snapshot().service_at(address)?.name.clone()));
+    let protocol = match sniff(&stream).await {
+        Protocol::Other if connected.is_none() => Protocol::Http1,
+        protocol => protocol,
+    };
+    if let (Protocol::Other, Some(service)) = (protocol, &connected) {
+        l4::relay(&worker, stream, service).await;
+        return;
+    }
+    let service = {
+        let worker = worker.clone();
+        service_fn(move |request| {
+            let worker = worker.clone();
+            let connected = connected.clone();
+            async move { Ok::<_, Infallible>(handle(&worker, kind, connected.as_ref(), request).await) }
+        })
+    };
+    let io = TokioIo::new(stream);
+    if protocol == Protocol::Http2 {
+        let connection = http2::Builder::new(LocalExec)
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .serve_connection(io, service);
+        until_drained(connection, |c| c.graceful_shutdown(), &mut drain, peer).await;
+    } else {
+        let connection = http1::Builder::new()
+            .max_buf_size(MAX_HEADER_BYTES)
+            .max_header_size(MAX_HEADER_BYTES)
+            .keep_alive(true)
+            .serve_connection(io, service)
+            .with_upgrades();
+        until_drained(connection, |c| c.graceful_shutdown(), &mut drain, peer).await;
+    }
+}
+
+/// Serves a connection; once the drain starts, it finishes the request in flight and closes
+/// (HTTP/2: GOAWAY).
+async fn until_drained<C>(
+    connection: C,
+    shutdown: impl FnOnce(Pin<&mut C>),
+    drain: &mut Drain,
+    peer: SocketAddr,
+) where
+    C: Future<Output = hyper::Result<()>>,
+{
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = drain.signaled() => {
+            shutdown(connection.as_mut());
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        debug!(%peer, error = %err, "client connection ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_tell_http1_http2_and_other_protocols_apart() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"DELETE /x"), Some(Protocol::Http1));
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\n"), Some(Protocol::Http2));
+        // `P` could start POST, PUT, PATCH or the preface: wait for more.
+        assert_eq!(classify(b"P"), None);
+        assert_eq!(classify(b"PRI * HT"), None);
+        assert_eq!(classify(b"POST /"), Some(Protocol::Http1));
+        assert_eq!(classify(b"\x16\x03\x01"), Some(Protocol::Other));
+        assert_eq!(classify(b"SSH-2.0"), Some(Protocol::Other));
+        assert_eq!(classify(b""), Some(Protocol::Other));
+    }
+}
