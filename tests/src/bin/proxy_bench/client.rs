@@ -23,6 +23,9 @@ x-device: ios\r\nx-user-id: 42\r\n\r\n";
 const BODY: &str = "hello from the bench upstream\n";
 /// Sent but not measured at the start of every run: connections and pools warm up.
 pub const WARM_UP: Duration = Duration::from_secs(1);
+/// A request not answered by then failed (a proxy at its connection limit leaves new
+/// connections unanswered in its listen backlog).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections being opened at once: a thousand SYNs at a time would overflow the proxies'
 /// listen backlogs and time the kernel's SYN retries instead of the proxies.
 const OPENING_AT_ONCE: usize = 64;
@@ -192,7 +195,7 @@ impl Connection {
         let stream = TcpStream::connect_timeout(&target, Duration::from_secs(3))
             .with_context(|| format!("connect to {target}"))?;
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
         Ok(Connection {
             stream,
             buf: Vec::with_capacity(4096),
@@ -327,13 +330,18 @@ async fn connect(target: SocketAddr) -> Result<tokio::net::TcpStream> {
     Ok(stream)
 }
 
-/// One request and its complete answer, which must be a 200.
+/// One request and its complete answer, which must be a 200, within `ANSWER_TIMEOUT`.
 async fn exchange(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Result<()> {
-    stream.write_all(REQUEST).await?;
-    while !take_response(buf)? {
-        ensure!(stream.read_buf(buf).await? > 0, "the connection closed");
-    }
-    Ok(())
+    let exchange = async {
+        stream.write_all(REQUEST).await?;
+        while !take_response(buf)? {
+            ensure!(stream.read_buf(buf).await? > 0, "the connection closed");
+        }
+        Ok(())
+    };
+    tokio::time::timeout(ANSWER_TIMEOUT, exchange)
+        .await
+        .with_context(|| format!("no answer within {ANSWER_TIMEOUT:?}"))?
 }
 
 /// Closed loop: every connection sends its next request as soon as the answer is in. All

@@ -18,7 +18,7 @@
 //! - **Live reload** of steer's configuration file, from write to served.
 //!
 //! Every proxy is pinned to the same CPUs with one worker per CPU (nginx `worker_processes`,
-//! haproxy `nbthread`, steer `TOKIO_WORKER_THREADS`) and starts with the soft fd limit a
+//! haproxy `nbthread`, steer `--workers`) and starts with the soft fd limit a
 //! service gets (1,024); the client and the upstream (a minimal hyper server answering a small
 //! body) run on the other CPUs. A summary puts steer next to the better of nginx and haproxy,
 //! with the goals of issue 10. `--smoke` runs every path with tiny loads (CI): it checks that

@@ -209,7 +209,7 @@ pub fn start_steer(
             ])
             .args(["--admin", &admin.to_string()])
             .args(["--cgroup", &node.cgroup.display().to_string()])
-            .env("TOKIO_WORKER_THREADS", workers.to_string())
+            .args(["--workers", &workers.to_string()])
             .env("RUST_LOG", "warn"),
         None,
     )?;
@@ -372,7 +372,7 @@ http {{
 }
 
 /// haproxy as a plain reverse proxy with keep-alive upstream connections, able to hold
-/// `connections` client connections (haproxy raises its own fd limit to match).
+/// `connections` client connections.
 pub fn start_haproxy(
     dir: &Path,
     cpus: &str,
@@ -382,13 +382,22 @@ pub fn start_haproxy(
     upstream: SocketAddr,
 ) -> Result<Process> {
     let config = dir.join("haproxy.cfg");
-    let maxconn = connections + 1024;
+    // haproxy reserves two fds per connection (client and server side) and refuses to start
+    // when its fd limit, at most the hard one, is lower: that may cap the connections it holds.
+    let fds = hard_fd_limit()?;
+    let maxconn = (connections as u64 + 1024).min((fds - 64) / 2);
+    if maxconn < connections as u64 {
+        eprintln!(
+            "proxy-bench: haproxy holds at most {maxconn} connections: the fd hard limit is {fds}"
+        );
+    }
     std::fs::write(
         &config,
         format!(
             "global
   nbthread {workers}
   maxconn {maxconn}
+  ulimit-n {fds}
 defaults
   mode http
   maxconn {maxconn}

@@ -16,12 +16,12 @@ fn micros(ns: f64) -> String {
     }
 }
 
-/// `value` with `decimals`, or "-" when there is none.
-fn number(value: f64, decimals: usize) -> String {
+/// `value` with `decimals` and `unit`, or "-" when there is none.
+fn number(value: f64, decimals: usize, unit: &str) -> String {
     if value.is_nan() {
         "-".to_string()
     } else {
-        format!("{value:.decimals$}")
+        format!("{value:.decimals$}{unit}")
     }
 }
 
@@ -54,7 +54,7 @@ pub fn details(
         let cpu = runs.cpu_per_request();
         writeln!(
             out,
-            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} ms {:>8}",
+            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12} {:>8}",
             case.name,
             micros(p50),
             micros(p99),
@@ -63,8 +63,8 @@ pub fn details(
             micros(p50 - direct.percentile(0.5)),
             micros(p99 - direct.percentile(0.99)),
             runs.errors,
-            number(cpu * 1000.0 / 1e6, 1),
-            number(cpu * plan.rate as f64 / 1e9, 3),
+            number(cpu * 1000.0 / 1e6, 1, " ms"),
+            number(cpu * plan.rate as f64 / 1e9, 3, ""),
         )?;
     }
     for (i, connections) in plan.closed_loops.into_iter().enumerate() {
@@ -158,9 +158,9 @@ impl Unit {
     fn show(&self, value: f64) -> String {
         match self {
             Unit::Micros => micros(value),
-            Unit::PerSecond => format!("{}/s", number(value, 0)),
-            Unit::CpuPerThousand => format!("{} ms", number(value * 1000.0 / 1e6, 1)),
-            Unit::Megabytes => format!("{} MB", number(value, 1)),
+            Unit::PerSecond => number(value, 0, "/s"),
+            Unit::CpuPerThousand => number(value * 1000.0 / 1e6, 1, " ms"),
+            Unit::Megabytes => number(value, 1, " MB"),
         }
     }
 }
