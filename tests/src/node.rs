@@ -18,7 +18,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio},
     sync::{
         Mutex,
         atomic::{AtomicU32, Ordering},
@@ -272,17 +272,33 @@ impl Pod {
     /// errors to the test's stderr).
     pub fn spawn(&self, command: &Command) -> Result<Process> {
         Ok(Process {
-            child: self.spawn_child(command, false)?,
+            child: self.spawn_child(command, |c| {
+                c.stdout(Stdio::null());
+            })?,
         })
+    }
+
+    /// Starts `command` inside the pod with its stdin and stdout piped to the caller (stderr
+    /// goes to the caller's): for a part that says on stdout when it is ready and ends when its
+    /// stdin closes.
+    pub fn spawn_piped(&self, command: &Command) -> Result<(Process, ChildStdin, ChildStdout)> {
+        let mut child = self.spawn_child(command, |c| {
+            c.stdin(Stdio::piped()).stdout(Stdio::piped());
+        })?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        Ok((Process { child }, stdin, stdout))
     }
 
     /// Runs a command inside the pod (netns and cgroup) to completion, capturing its output.
     pub fn exec(&self, command: &Command) -> Result<Output> {
-        let child = self.spawn_child(command, true)?;
+        let child = self.spawn_child(command, |c| {
+            c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        })?;
         Ok(child.wait_with_output()?)
     }
 
-    fn spawn_child(&self, command: &Command, capture: bool) -> Result<Child> {
+    fn spawn_child(&self, command: &Command, stdio: impl FnOnce(&mut Command)) -> Result<Child> {
         let mut wrapped = Command::new("ip");
         wrapped
             .args(["netns", "exec", &self.netns])
@@ -294,11 +310,7 @@ impl Pod {
                 None => wrapped.env_remove(key),
             };
         }
-        if capture {
-            wrapped.stdout(Stdio::piped()).stderr(Stdio::piped());
-        } else {
-            wrapped.stdout(Stdio::null());
-        }
+        stdio(&mut wrapped);
         unblock_signals_in_child(&mut wrapped);
         let procs = self.cgroup.join("cgroup.procs");
         // Join the pod's cgroup before `ip` execs the command, so every descendant is inside.

@@ -21,7 +21,8 @@ enum Task {
     Setup,
     /// Build the eBPF object (`target/bpfel-unknown-none/release/steer`).
     BuildEbpf,
-    /// Everything CI checks: setup, fmt, clippy -D warnings, all tests.
+    /// Everything CI checks: setup, fmt, clippy -D warnings, all tests, the demo, a smoke run of
+    /// the proxy bench.
     Ci,
     /// The benchmarks, with figures side by side.
     Bench,
@@ -57,7 +58,19 @@ fn main() -> Result<()> {
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             cargo(&["test", "--no-fail-fast"])?;
             // A smoke run of the main job: it fails on any wrong path.
-            demo(None)
+            demo(None)?;
+            // The proxy bench with tiny loads, so that it cannot rot: every path runs and gives
+            // figures; no timing is checked. demo() built steer next to it.
+            install_missing(&BENCH_PACKAGES)?;
+            cargo(&[
+                "run",
+                "--package",
+                "steer-tests",
+                "--bin",
+                "proxy-bench",
+                "--",
+                "--smoke",
+            ])
         }
         Task::Demo { scenario } => {
             setup()?;
