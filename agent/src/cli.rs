@@ -74,6 +74,20 @@ enum Command {
         /// (default: one per CPU the agent may run on).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         workers: Option<u16>,
+        /// Client connections open at once; more are closed at accept and counted (default:
+        /// nine tenths of the open files limit).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        max_connections: Option<u64>,
+        /// Seconds an HTTP/1 client connection may take to send a request's headers, counted
+        /// from connecting or from the previous response: closes idle keep-alive connections
+        /// and slow senders (slowloris) alike.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        idle_timeout: u64,
+        /// Add the debug response headers (x-steer-service, -version, -release) for clients
+        /// outside the mesh too: the gateway's, and connections the datapath did not redirect.
+        /// Off by default: they name internal services, versions and releases.
+        #[arg(long)]
+        gateway_debug_headers: bool,
     },
     /// Print the CanaryRelease CustomResourceDefinition (what deploy/crd.yaml holds).
     Crd,
@@ -123,6 +137,9 @@ impl Cli {
                 no_ebpf,
                 drain_grace,
                 workers,
+                max_connections,
+                idle_timeout,
+                gateway_debug_headers,
             } => run_agent(crate::run::RunOptions {
                 source: match config {
                     Some(path) if !kubernetes => Source::File(path),
@@ -141,6 +158,9 @@ impl Cli {
                 no_ebpf,
                 drain_grace: std::time::Duration::from_secs(drain_grace),
                 workers: workers.map(usize::from),
+                max_connections: max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                idle_timeout: std::time::Duration::from_secs(idle_timeout),
+                gateway_debug_headers,
             }),
             Command::Crd => {
                 print!("{}", crate::kubernetes::crd::crd_yaml());

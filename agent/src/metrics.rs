@@ -33,6 +33,8 @@ pub struct Metrics {
     requests: Family<RouteLabels, Counter>,
     latency: Family<LatencyLabels, Histogram>,
     request_errors: Family<ReasonLabels, Counter>,
+    client_connections: Gauge,
+    connections_refused: Counter,
     reloads: Family<ReloadLabels, Counter>,
     watch_errors: Family<KindLabels, Counter>,
     status_writes: Family<ResultLabels, Counter>,
@@ -85,6 +87,18 @@ impl Default for Metrics {
             latency_histogram as fn() -> Histogram,
         );
         let request_errors = Family::<ReasonLabels, Counter>::default();
+        let client_connections = Gauge::default();
+        registry.register(
+            "client_connections",
+            "Client connections open on the proxy's listeners",
+            client_connections.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Client connections closed at once because --max-connections were open",
+            connections_refused.clone(),
+        );
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(
             "requests",
@@ -136,6 +150,8 @@ impl Default for Metrics {
             requests,
             latency,
             request_errors,
+            client_connections,
+            connections_refused,
             reloads,
             watch_errors,
             status_writes,
@@ -204,6 +220,15 @@ impl Metrics {
         self.request_errors
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    pub fn client_connections(&self, open: usize) {
+        self.client_connections
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     pub fn reload(&self, applied: bool) {

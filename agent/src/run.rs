@@ -5,7 +5,10 @@
 use std::{
     net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -21,7 +24,7 @@ use crate::{
     drain,
     kubernetes::{self, KubernetesOptions},
     metrics::Metrics,
-    proxy::{OriginalDestination, Shared, WorkerListeners, Workers, bind_listener},
+    proxy::{Limits, OriginalDestination, Shared, WorkerListeners, Workers, bind_listener},
     state::Snapshot,
 };
 
@@ -50,6 +53,11 @@ pub struct RunOptions {
     pub drain_grace: Duration,
     /// Proxy worker threads; `None`: one per CPU this process may run on.
     pub workers: Option<usize>,
+    /// `None`: from the open files limit.
+    pub max_connections: Option<usize>,
+    pub idle_timeout: Duration,
+    /// Debug response headers at the gateway too.
+    pub gateway_debug_headers: bool,
 }
 
 /// Where redirected pod connections arrive: an address of the node per IP family the pods
@@ -179,18 +187,34 @@ async fn bind(address: SocketAddr, what: &str) -> Result<TcpListener> {
 
 /// Raises the soft limit of open files to the hard limit: every client and upstream connection
 /// is a file descriptor, and the default soft limit (1024) is far below what a node needs.
-fn raise_file_limit() {
+/// Returns the limit in force.
+fn raise_file_limit() -> u64 {
     // SAFETY: getrlimit/setrlimit only read and write the struct passed.
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                warn!("cannot raise the open files limit");
-            }
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
         }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                ..limit
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+            warn!("cannot raise the open files limit");
+        }
+        limit.rlim_cur
     }
+}
+
+/// Nine tenths of the file descriptors: the rest stay for upstream connections (idle clients
+/// hold none; the pool keeps a bounded number), listeners, the datapath and the admin server.
+fn default_max_connections(file_limit: u64) -> usize {
+    usize::try_from(file_limit - file_limit / 10)
+        .unwrap_or(usize::MAX)
+        .max(16)
 }
 
 /// The file's identity for change detection: modification time and length.
@@ -216,7 +240,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             (snapshot, Some(client))
         }
     };
-    raise_file_limit();
+    let file_limit = raise_file_limit();
     let workers = options
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -284,6 +308,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
         state: state.clone(),
         originals,
         metrics: metrics.clone(),
+        limits: Limits {
+            max_connections: options
+                .max_connections
+                .unwrap_or_else(|| default_max_connections(file_limit)),
+            idle_timeout: options.idle_timeout,
+        },
+        outside_debug_headers: options.gateway_debug_headers,
+        open_connections: AtomicUsize::new(0),
     });
     Workers::start(shared, listeners, drain.clone())?;
 

@@ -81,6 +81,8 @@ pub struct Scenario {
     pub gateway: SocketAddr,
     pub admin: SocketAddr,
     pub node: Node,
+    /// More arguments of `steer run`, taken by the next (re)start of the agent.
+    pub agent_args: Vec<String>,
     _dir: TempDir,
 }
 
@@ -135,6 +137,7 @@ impl Scenario {
             gateway: SocketAddr::from((node.address, GATEWAY_PORT)),
             admin: SocketAddr::from((node.address, ADMIN_PORT)),
             node,
+            agent_args: Vec::new(),
             _dir: dir,
         };
         scenario.start_workload(calls)?;
@@ -175,6 +178,7 @@ impl Scenario {
             gateway: SocketAddr::from((node.address, GATEWAY_PORT)),
             admin: SocketAddr::from((node.address, ADMIN_PORT)),
             node,
+            agent_args: Vec::new(),
             _dir: TempDir(dir),
         };
         scenario.start_workload(calls)?;
@@ -262,6 +266,7 @@ impl Scenario {
             .args(["--admin", &self.admin.to_string()])
             .args(["--cgroup", &self.node.cgroup.display().to_string()])
             .args(["--drain-grace", "5"])
+            .args(&self.agent_args)
             // Quiet unless asked: warnings and errors (a rejected edit) still show.
             .env(
                 "RUST_LOG",

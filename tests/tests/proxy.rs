@@ -584,25 +584,33 @@ fn grpc_style_trailers_cross_the_proxy_over_h2c() {
 }
 
 #[test]
-fn debug_headers_can_be_turned_off() {
-    let scenario = food_delivery();
-    let reply = http::get(
-        scenario.gateway,
-        "/",
-        &[("host", "order"), ("x-device", "android")],
-    )
-    .unwrap();
+fn debug_headers_are_for_the_mesh_unless_asked_for_and_can_be_turned_off() {
+    let mut scenario = food_delivery();
+    let ask_gateway = |scenario: &Scenario| {
+        http::get(
+            scenario.gateway,
+            "/",
+            &[("host", "order"), ("x-device", "android")],
+        )
+        .unwrap()
+    };
+    // Outsiders do not learn internal names by default; the mesh's own callers do.
+    let reply = ask_gateway(&scenario);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.header("x-steer-version"), None, "{:?}", reply.headers);
+    let url = format!("http://{}/", restaurant(&scenario));
+    let out = curl_from_order(&scenario, &["-i", "-H", "x-device: android", &url]);
+    assert!(out.contains("x-steer-version: v2-blue"), "{out}");
+
+    scenario.agent_args = vec!["--gateway-debug-headers".into()];
+    scenario.start_agent().unwrap();
+    let reply = ask_gateway(&scenario);
     assert_eq!(reply.header("x-steer-version"), Some("v1"));
     assert_eq!(reply.header("x-steer-release"), Some("blue"));
     let mut quiet = scenario.config.clone();
     quiet.debug_headers = false;
     scenario.apply(&quiet).unwrap();
-    let reply = http::get(
-        scenario.gateway,
-        "/",
-        &[("host", "order"), ("x-device", "android")],
-    )
-    .unwrap();
+    let reply = ask_gateway(&scenario);
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-steer-version"), None);
 }
@@ -688,7 +696,10 @@ fn a_file_edited_in_place_is_applied_only_once_it_is_whole() {
 
 #[test]
 fn a_stamp_sent_straight_to_the_redirect_listener_is_not_honoured() {
-    let scenario = food_delivery();
+    let mut scenario = food_delivery();
+    // The debug headers tell which version served; outsiders get them only when asked for.
+    scenario.agent_args = vec!["--gateway-debug-headers".into()];
+    scenario.start_agent().unwrap();
     // From the node itself, not redirected by the datapath: anyone who can reach the node's
     // address could do this, so the stamp must not pick the release.
     let listener = SocketAddr::from((scenario.node.address, steer_tests::scenario::PROXY_PORT));
@@ -710,4 +721,80 @@ fn a_stamp_sent_straight_to_the_redirect_listener_is_not_honoured() {
         "{:?}",
         reply.headers
     );
+}
+
+/// Whether the peer closes a connection within `within` (reading nothing but the close or an
+/// error response).
+fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn slow_senders_and_idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
+    let mut scenario = food_delivery();
+    scenario.agent_args = vec!["--idle-timeout".into(), "1".into()];
+    scenario.start_agent().unwrap();
+    // Slowloris: half a request head, then silence.
+    let mut slow = TcpStream::connect(scenario.gateway).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: order\r\nx-device: and")
+        .unwrap();
+    // A keep-alive client that went quiet after its request.
+    let mut idle = TcpStream::connect(scenario.gateway).unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: order\r\n\r\n")
+        .unwrap();
+    let started = Instant::now();
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(4)),
+        "slow sender kept"
+    );
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(4)),
+        "idle connection kept"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    // Requests that come in time are served as before.
+    assert_eq!(
+        scenario.request("order", &[]).unwrap().path(),
+        "order/v1 -> restaurant/v1 -> delivery/v1"
+    );
+}
+
+#[test]
+fn connections_past_the_limit_are_closed_at_once_and_counted() {
+    let mut scenario = food_delivery();
+    scenario.agent_args = vec!["--max-connections".into(), "3".into()];
+    scenario.start_agent().unwrap();
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(scenario.gateway).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut over = TcpStream::connect(scenario.gateway).unwrap();
+    assert!(
+        closed_within(&mut over, Duration::from_secs(2)),
+        "the fourth was kept"
+    );
+    let metrics = http::get(scenario.admin, "/metrics", &[]).unwrap().body;
+    assert!(
+        metrics.contains("steer_connections_refused_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("steer_client_connections 3"), "{metrics}");
+    // Once they close, clients are served again.
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    let reply = http::get(scenario.gateway, "/", &[("host", "delivery")]).unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
 }

@@ -50,7 +50,9 @@ pub async fn handle(
         Err(err) => fail_to_proxy(&err, metrics),
     };
     worker.observe(&entry, response.status(), started.elapsed());
-    if snapshot.config.debug_headers {
+    // Internal names are for the mesh's own callers; outsiders see them only when asked for.
+    if snapshot.config.debug_headers && (!route.from_outside || worker.shared.outside_debug_headers)
+    {
         for (name, value) in &entry.debug_headers {
             if let Some(value) = value {
                 response.headers_mut().insert(name, value.clone());
@@ -71,7 +73,7 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     // Hop-by-hop first: a client's `Connection` header must not be able to remove our stamp.
     remove_hop_by_hop(request.headers_mut(), upgrade);
-    if route.strip_incoming {
+    if route.from_outside {
         stamp::strip(request.headers_mut());
     }
     if route.stamp.is_some()

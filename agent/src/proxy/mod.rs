@@ -25,7 +25,12 @@ mod route;
 pub mod stamp;
 mod worker;
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
 
@@ -56,12 +61,30 @@ pub enum Listener {
 /// Request headers larger than this are refused with 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// What every worker shares: the snapshot in force, the datapath's original destinations and
-/// the metrics.
+/// What every worker shares: the snapshot in force, the datapath's original destinations, the
+/// metrics and the limits on client connections.
 pub struct Shared {
     pub state: Arc<ArcSwap<Snapshot>>,
     pub originals: Option<Arc<dyn OriginalDestination>>,
     pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    /// Debug response headers for clients outside the mesh too (they name internal services,
+    /// versions and releases).
+    pub outside_debug_headers: bool,
+    /// Client connections open on all workers.
+    pub open_connections: AtomicUsize,
+}
+
+/// Bounds on what clients can hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Client connections beyond this are closed at once (and counted) rather than let run the
+    /// node out of file descriptors.
+    pub max_connections: usize,
+    /// An HTTP/1 client connection that has not sent a whole request head this long after
+    /// the previous response (or after connecting) is closed: idle keep-alive connections and
+    /// slow senders alike.
+    pub idle_timeout: Duration,
 }
 
 /// Runs hyper's background futures (HTTP/2 streams and connections) as tasks of the current

@@ -30,8 +30,9 @@ pub struct Route<'s> {
     pub service: &'s ServiceRoutes,
     pub version: &'s VersionRoutes,
     pub release: Option<&'s CompiledRelease>,
-    /// Remove the stamp the request came with (north-south traffic).
-    pub strip_incoming: bool,
+    /// The request came from outside the mesh (the gateway, or a connection the datapath did
+    /// not redirect): its stamp is removed, and it gets no debug headers unless asked for.
+    pub from_outside: bool,
     /// The release to stamp on the request before it is forwarded.
     pub stamp: Option<&'s str>,
 }
@@ -52,7 +53,7 @@ pub fn route<'s, B>(
     };
     let headers: &HeaderMap = request.headers();
     let inside_mesh = listener == Listener::Redirect && connected.is_some();
-    let (release, strip_incoming, stamp) = if !inside_mesh {
+    let (release, from_outside, stamp) = if !inside_mesh {
         let release = snapshot.rules.decide(headers);
         (release, true, release)
     } else {
@@ -72,7 +73,7 @@ pub fn route<'s, B>(
         service,
         version: service.version_for(release),
         release,
-        strip_incoming,
+        from_outside,
         stamp: stamp.map(|r| &*r.name),
     })
 }
@@ -148,13 +149,13 @@ mod tests {
         builder.body(()).unwrap()
     }
 
-    /// (service, version, release, strip_incoming, stamp) of a route, for comparing.
+    /// (service, version, release, from_outside, stamp) of a route, for comparing.
     fn summary(route: Route) -> (String, String, Option<String>, bool, Option<String>) {
         (
             route.service.name.to_string(),
             route.version.name.to_string(),
             route.release.map(|r| r.name.to_string()),
-            route.strip_incoming,
+            route.from_outside,
             route.stamp.map(str::to_string),
         )
     }

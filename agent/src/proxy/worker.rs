@@ -9,7 +9,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     rc::Rc,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use arc_swap::{ArcSwap, cache::Cache};
 use http::{HeaderName, HeaderValue, StatusCode};
 use hyper::{server::conn::http1, server::conn::http2, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
@@ -263,8 +263,13 @@ async fn serve(worker: Rc<Worker>, listener: TcpListener, kind: Listener, mut dr
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Some(admitted) = Admitted::new(&worker.shared) else {
+                    refuse(&worker.shared, stream, peer, kind, &mut last_warning);
+                    continue;
+                };
                 tokio::task::spawn_local(connection(
                     worker.clone(),
+                    admitted,
                     stream,
                     peer,
                     kind,
@@ -280,6 +285,52 @@ async fn serve(worker: Rc<Worker>, listener: TcpListener, kind: Listener, mut dr
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
+    }
+}
+
+/// A client connection counted against `Limits::max_connections` until it drops.
+struct Admitted(Arc<Shared>);
+
+impl Admitted {
+    fn new(shared: &Arc<Shared>) -> Option<Admitted> {
+        let open = shared.open_connections.fetch_add(1, Ordering::Relaxed);
+        let admitted = Admitted(shared.clone());
+        if open >= shared.limits.max_connections {
+            return None;
+        }
+        shared.metrics.client_connections(open + 1);
+        Some(admitted)
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let open = self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.client_connections(open - 1);
+    }
+}
+
+/// Closes a connection over the limit at once: the client sees the close (and retries, or
+/// fails fast) instead of the node running out of file descriptors.
+fn refuse(
+    shared: &Shared,
+    stream: TcpStream,
+    peer: SocketAddr,
+    kind: Listener,
+    last_warning: &mut Option<Instant>,
+) {
+    if let (Listener::Redirect, Some(originals)) = (kind, &shared.originals) {
+        // Its record would otherwise wait for a client port to be reused.
+        originals.take(peer);
+    }
+    drop(stream);
+    shared.metrics.connection_refused();
+    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+        warn!(
+            limit = shared.limits.max_connections,
+            "client connection refused: too many open"
+        );
+        *last_warning = Some(Instant::now());
     }
 }
 
@@ -343,6 +394,7 @@ async fn sniff(stream: &TcpStream) -> Protocol {
 
 async fn connection(
     worker: Rc<Worker>,
+    _admitted: Admitted,
     stream: TcpStream,
     peer: SocketAddr,
     kind: Listener,
@@ -381,6 +433,8 @@ async fn connection(
         until_drained(connection, |c| c.graceful_shutdown(), &mut drain, peer).await;
     } else {
         let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(worker.shared.limits.idle_timeout)
             .max_buf_size(MAX_HEADER_BYTES)
             .max_header_size(MAX_HEADER_BYTES)
             .keep_alive(true)
