@@ -26,6 +26,9 @@ enum Task {
     Ci,
     /// The benchmarks, with figures side by side.
     Bench,
+    /// Instructions per request of steer and nginx under valgrind's callgrind (repeatable on a
+    /// busy machine).
+    Profile,
     /// The seed's case studies, decided and explained (the README's main job).
     Demo {
         /// Run only this scenario: food-delivery, order-email or abz.
@@ -44,6 +47,8 @@ const PACKAGES: [(&str, &str); 5] = [
 ];
 /// What only the benchmarks use: the proxies steer is compared with.
 const BENCH_PACKAGES: [(&str, &str); 2] = [("nginx", "nginx-light"), ("haproxy", "haproxy")];
+/// What `profile` uses besides nginx.
+const PROFILE_PACKAGES: [(&str, &str); 2] = [("valgrind", "valgrind"), ("nginx", "nginx-light")];
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Validates deploy/'s manifests offline against the official Kubernetes schemas (PyPI).
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
@@ -75,6 +80,21 @@ fn main() -> Result<()> {
         Task::Demo { scenario } => {
             setup()?;
             demo(scenario.as_deref())
+        }
+        Task::Profile => {
+            setup()?;
+            install_missing(&PROFILE_PACKAGES)?;
+            cargo(&["build", "--release", "--package", "steer"])?;
+            cargo(&[
+                "run",
+                "--release",
+                "--package",
+                "steer-tests",
+                "--bin",
+                "proxy-bench",
+                "--",
+                "profile",
+            ])
         }
         Task::Bench => {
             setup()?;

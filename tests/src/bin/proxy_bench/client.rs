@@ -214,6 +214,18 @@ impl Connection {
     }
 }
 
+/// Sends `total` requests over `connections` keep-alive connections, one at a time each, in
+/// turn: a fixed load, for counting what it costs.
+pub fn requests(target: SocketAddr, total: usize, connections: usize) -> Result<()> {
+    let mut open: Vec<Connection> = (0..connections)
+        .map(|_| Connection::open(target))
+        .collect::<Result<_>>()?;
+    for i in 0..total {
+        open[i % connections].request()?;
+    }
+    Ok(())
+}
+
 /// Retries one request to `target` until it answers 200 (at most 10 s).
 pub fn check(target: SocketAddr) -> Result<()> {
     let started = Instant::now();

@@ -28,6 +28,7 @@
 //! subcommands are what it runs inside the pods.
 
 mod client;
+mod profile;
 mod proxies;
 mod report;
 
@@ -125,6 +126,13 @@ enum Role {
         #[arg(long)]
         connections: usize,
     },
+    /// Instructions per request of steer and nginx under valgrind's callgrind (loopback, no
+    /// test bed): the repeatable profile behind the README's figures.
+    Profile {
+        /// The steer binary (default: the one built next to this one).
+        #[arg(long)]
+        steer: Option<std::path::PathBuf>,
+    },
 }
 
 /// The sizes of one benchmark run.
@@ -201,6 +209,13 @@ fn main() -> Result<()> {
             target,
             connections,
         }) => client::hold(target, connections),
+        Some(Role::Profile { steer }) => {
+            let steer = match steer {
+                Some(steer) => steer,
+                None => steer_tests::scenario::binary("steer")?,
+            };
+            profile::profile(&steer)
+        }
     }
 }
 
