@@ -126,6 +126,9 @@ impl std::fmt::Display for ListenAddresses {
 /// configuration the datapath cannot take is not half applied.
 #[derive(Clone)]
 struct Applier {
+    /// The agent's own listening addresses: an endpoint there would send requests around in
+    /// a loop.
+    own_addresses: Vec<SocketAddr>,
     state: Arc<ArcSwap<Snapshot>>,
     datapath: Arc<Mutex<Option<Datapath>>>,
     metrics: Arc<Metrics>,
@@ -148,6 +151,7 @@ impl Applier {
     }
 
     fn try_apply(&self, config: Config, origin: &str) -> Result<()> {
+        refuse_own_addresses(&config, &self.own_addresses).with_context(|| origin.to_string())?;
         let previous = self.state.load_full();
         let (snapshot, report) =
             Snapshot::build_after(config, Some(&previous)).with_context(|| origin.to_string())?;
@@ -183,6 +187,31 @@ async fn bind(address: SocketAddr, what: &str) -> Result<TcpListener> {
     TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address} ({what})"))
+}
+
+/// Refuses a configuration with an endpoint at one of the agent's own listening addresses: each
+/// request sent there would come back to be sent there again, for as long as it is let run.
+fn refuse_own_addresses(config: &Config, own: &[SocketAddr]) -> Result<()> {
+    let is_own = |endpoint: &SocketAddr| {
+        own.iter().any(|own| {
+            own.port() == endpoint.port()
+                && (own.ip() == endpoint.ip()
+                    || (own.ip().is_unspecified() && own.is_ipv4() == endpoint.is_ipv4()))
+        })
+    };
+    for service in &config.services {
+        for version in &service.versions {
+            if let Some(endpoint) = version.endpoints.iter().find(|e| is_own(e)) {
+                anyhow::bail!(
+                    "service `{}` version `{}`: endpoint {endpoint} is this agent's own \
+                     listener; requests would loop",
+                    service.name,
+                    version.name
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Raises the soft limit of open files to the hard limit: every client and upstream connection
@@ -224,10 +253,18 @@ fn stamp_of(path: &Path) -> Option<(SystemTime, u64)> {
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
+    let own_addresses: Vec<SocketAddr> = options
+        .listen
+        .all()
+        .chain(options.gateway)
+        .chain([options.admin])
+        .collect();
     // The file must be valid to start; the cluster's objects arrive once the agent runs.
     let (snapshot, kubernetes) = match &options.source {
         Source::File(path) => {
             let config = Config::load(path)?;
+            refuse_own_addresses(&config, &own_addresses)
+                .with_context(|| path.display().to_string())?;
             let (snapshot, _) =
                 Snapshot::build(config).with_context(|| path.display().to_string())?;
             (snapshot, None)
@@ -296,6 +333,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         synced: kubernetes.is_none().into(),
     });
     let applier = Applier {
+        own_addresses: own_addresses.clone(),
         state: state.clone(),
         datapath: datapath.clone(),
         metrics: metrics.clone(),
@@ -438,6 +476,32 @@ fn refuse_accidental_emptying(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_at_the_agents_own_listener_is_refused() {
+        let config = |endpoint: &str| {
+            let text = format!(
+                "services:\n  - name: web\n    versions:\n      \
+                 - {{ name: v1, primary: true, endpoints: [\"{endpoint}\"] }}\n"
+            );
+            Config::from_yaml(&text, "test").unwrap()
+        };
+        let own: Vec<SocketAddr> = vec![
+            "10.0.0.5:15001".parse().unwrap(),
+            "0.0.0.0:15080".parse().unwrap(),
+        ];
+        let err = refuse_own_addresses(&config("10.0.0.5:15001"), &own).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "service `web` version `v1`: endpoint 10.0.0.5:15001 is this agent's own listener"
+            ),
+            "{err}"
+        );
+        // A listener on every address owns its port on all of them.
+        assert!(refuse_own_addresses(&config("10.9.9.9:15080"), &own).is_err());
+        assert!(refuse_own_addresses(&config("10.0.0.6:15001"), &own).is_ok());
+        assert!(refuse_own_addresses(&config("10.0.0.5:8080"), &own).is_ok());
+    }
 
     #[test]
     fn a_file_without_services_empties_a_running_mesh_only_when_it_says_so() {

@@ -798,3 +798,39 @@ fn connections_past_the_limit_are_closed_at_once_and_counted() {
     let reply = http::get(scenario.gateway, "/", &[("host", "delivery")]).unwrap();
     assert_eq!(reply.status, 200, "{}", reply.body);
 }
+
+#[test]
+fn an_endpoint_at_the_agents_own_listener_is_refused_and_the_previous_configuration_serves() {
+    let scenario = food_delivery();
+    let mut looping = scenario.config.clone();
+    let restaurant = looping
+        .services
+        .iter_mut()
+        .find(|s| s.name == "restaurant")
+        .unwrap();
+    restaurant.versions[0].endpoints = vec![scenario.gateway];
+    std::fs::write(
+        &scenario.config_path,
+        serde_yaml_ng::to_string(&looping).unwrap(),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = http::get(scenario.admin, "/metrics", &[]).unwrap().body;
+        if metrics.contains("steer_config_reloads_total{result=\"rejected\"} 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never rejected: {metrics}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    assert_eq!(
+        scenario.request("order", &[]).unwrap().path(),
+        "order/v1 -> restaurant/v1 -> delivery/v1"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
