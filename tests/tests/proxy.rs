@@ -834,3 +834,18 @@ fn an_endpoint_at_the_agents_own_listener_is_refused_and_the_previous_configurat
         started.elapsed()
     );
 }
+
+#[test]
+fn requests_of_any_method_are_routed_by_their_tags() {
+    let scenario = food_delivery();
+    let url = format!("http://{}/", restaurant(&scenario));
+    for method in ["PROPFIND", "PURGE", "QUERY"] {
+        let out = curl_from_order(
+            &scenario,
+            &["-i", "-X", method, "-H", "x-device: android", &url],
+        );
+        // Through the proxy's HTTP path (with its debug headers), to blue's version; an L4
+        // relay would have gone to the primary untouched.
+        assert!(out.contains("x-steer-version: v2-blue"), "{method}: {out}");
+    }
+}

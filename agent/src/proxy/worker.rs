@@ -343,41 +343,46 @@ enum Protocol {
     Other,
 }
 
-const METHODS: [&[u8]; 9] = [
-    b"GET ",
-    b"POST ",
-    b"PUT ",
-    b"DELETE ",
-    b"HEAD ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"CONNECT ",
-    b"TRACE ",
-];
 /// The HTTP/2 connection preface (h2c with prior knowledge, gRPC).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
+/// A token character (RFC 9110 section 5.6.2): what a method is made of.
+fn is_tchar(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
 /// Classifies the first bytes a client sent, or `None` while they could still be either.
+/// HTTP/1 is a request line: a method of any token (PROPFIND, PURGE, QUERY...), a space and a
+/// request target (`/`, `*`, or an absolute `http://...`), not a list of known methods.
 fn classify(first: &[u8]) -> Option<Protocol> {
     if first.is_empty() {
         return Some(Protocol::Other);
     }
-    let starts = |prefix: &[u8]| prefix.starts_with(&first[..first.len().min(prefix.len())]);
-    if first.len() < H2_PREFACE.len() && starts(H2_PREFACE) {
+    if first.starts_with(H2_PREFACE) {
+        return Some(Protocol::Http2);
+    }
+    if H2_PREFACE.starts_with(first) {
         return None;
     }
-    if first.starts_with(H2_PREFACE) {
-        Some(Protocol::Http2)
-    } else if METHODS.iter().any(|method| starts(method)) {
-        Some(Protocol::Http1)
-    } else {
-        Some(Protocol::Other)
+    let method_len = first.iter().take_while(|&&b| is_tchar(b)).count();
+    match first.get(method_len) {
+        // All token so far: the method goes on, or the peek was short.
+        None if method_len < first.len().max(PEEK_BYTES) => None,
+        Some(b' ') if method_len > 0 => match first.get(method_len + 1) {
+            None => None,
+            Some(b'/' | b'*' | b'h' | b'H') => Some(Protocol::Http1),
+            Some(_) => Some(Protocol::Other),
+        },
+        _ => Some(Protocol::Other),
     }
 }
 
+/// Bytes looked at: enough for the longest registered methods and the target's first byte.
+const PEEK_BYTES: usize = 24;
+
 /// Peeks at the client's first bytes (they stay in the socket for the server to read).
 async fn sniff(stream: &TcpStream) -> Protocol {
-    let mut buf = [0u8; 16];
+    let mut buf = [0u8; PEEK_BYTES];
     let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
     loop {
         let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
@@ -387,7 +392,8 @@ async fn sniff(stream: &TcpStream) -> Protocol {
         if let Some(protocol) = classify(&buf[..n]) {
             return protocol;
         }
-        // A partial preface: the bytes stay readable, so wait a moment rather than for them.
+        // A partial preface or method: the bytes stay readable, so wait a moment rather than
+        // for them.
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -475,13 +481,34 @@ mod tests {
     fn first_bytes_tell_http1_http2_and_other_protocols_apart() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"DELETE /x"), Some(Protocol::Http1));
+        assert_eq!(classify(b"OPTIONS * HTTP/1.1"), Some(Protocol::Http1));
+        assert_eq!(classify(b"GET http://a/ HTTP/1.1"), Some(Protocol::Http1));
+        // Any token method, not a list.
+        for method in [
+            "PROPFIND", "REPORT", "QUERY", "PURGE", "MKCOL", "LINK", "X-CUSTOM",
+        ] {
+            let line = format!("{method} /x HTTP/1.1\r\n");
+            assert_eq!(classify(line.as_bytes()), Some(Protocol::Http1), "{method}");
+        }
         assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\n"), Some(Protocol::Http2));
-        // `P` could start POST, PUT, PATCH or the preface: wait for more.
+        // Could still be a method or the preface: wait for more.
         assert_eq!(classify(b"P"), None);
         assert_eq!(classify(b"PRI * HT"), None);
+        assert_eq!(classify(b"PROPFI"), None);
+        assert_eq!(classify(b"GET "), None);
         assert_eq!(classify(b"POST /"), Some(Protocol::Http1));
+        // Not a request line.
         assert_eq!(classify(b"\x16\x03\x01"), Some(Protocol::Other));
-        assert_eq!(classify(b"SSH-2.0"), Some(Protocol::Other));
+        assert_eq!(
+            classify(b"SSH-2.0-OpenSSH_9.2p1 Debian\r\n"),
+            Some(Protocol::Other)
+        );
+        assert_eq!(classify(b"GET key\r\n"), Some(Protocol::Other));
+        assert_eq!(classify(b"*3\r\n$3\r\nSET"), Some(Protocol::Other));
+        assert_eq!(
+            classify(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
+            Some(Protocol::Other)
+        );
         assert_eq!(classify(b""), Some(Protocol::Other));
     }
 }
