@@ -218,9 +218,25 @@ impl Cond {
 
     /// The search of `product_witness`, visiting at most `limit` product states; returns how
     /// many it visited.
+    ///
+    /// Negative exact and prefix atoms (hundreds of them are common when a release is compared
+    /// with the releases above it) take part as one trie instead of one DFA each: the search
+    /// state is the DFA states and the trie node the value has reached, `FREE` once it left
+    /// every excluded literal behind.
     fn product_search(&self, solver: &mut Solver, limit: usize) -> (Witness, usize) {
-        let atoms: Vec<&Atom> = self.pos.iter().chain(&self.neg).collect();
-        let positives = self.pos.len();
+        let mut excluded = Trie::default();
+        let mut atoms: Vec<&Atom> = self.pos.iter().collect();
+        let positives = atoms.len();
+        for atom in &self.neg {
+            match atom {
+                Atom::Exact(e) => excluded.insert(e, false),
+                Atom::Prefix(p) => excluded.insert(p, true),
+                Atom::Regex(_) => atoms.push(atom),
+            }
+        }
+        if excluded.nodes[0].prefix_end {
+            return (Witness::Empty, 0);
+        }
         for atom in &atoms {
             if solver.get(atom).is_none() {
                 return (Witness::Unknown, 0);
@@ -237,14 +253,16 @@ impl Cond {
         else {
             return (Witness::Unknown, 0);
         };
-        let mut seen: HashSet<Vec<StateID>> = HashSet::from([start.clone()]);
+        let start = (start, 0);
+        let mut seen: HashSet<(Vec<StateID>, u32)> = HashSet::from([start.clone()]);
         let mut queue = VecDeque::from([(start, Vec::<u8>::new())]);
-        while let Some((states, value)) = queue.pop_front() {
+        while let Some(((states, node), value)) = queue.pop_front() {
             let accepted = states
                 .iter()
                 .zip(&machines)
                 .enumerate()
-                .all(|(i, (&s, d))| is_accepting(d, s) == (i < positives));
+                .all(|(i, (&s, d))| is_accepting(d, s) == (i < positives))
+                && !excluded.exact_end(node);
             if accepted {
                 let value = String::from_utf8_lossy(&value).into_owned();
                 return (Witness::Found(Some(value)), seen.len());
@@ -255,7 +273,8 @@ impl Cond {
                     .zip(&machines)
                     .map(|(&s, d)| d.next_state(s, byte))
                     .collect();
-                // A positive atom in its dead state can never accept again.
+                // A positive atom in its dead state can never accept again, nor can a value
+                // that starts with an excluded prefix.
                 if next[..positives]
                     .iter()
                     .zip(&machines)
@@ -263,17 +282,87 @@ impl Cond {
                 {
                     continue;
                 }
-                if seen.insert(next.clone()) {
+                let next_node = excluded.step(node, byte);
+                if excluded.prefix_end(next_node) {
+                    continue;
+                }
+                if seen.insert((next.clone(), next_node)) {
                     if seen.len() > limit {
                         return (Witness::Unknown, seen.len());
                     }
                     let mut longer = value.clone();
                     longer.push(byte);
-                    queue.push_back((next, longer));
+                    queue.push_back(((next, next_node), longer));
                 }
             }
         }
         (Witness::Empty, seen.len())
+    }
+}
+
+/// Excluded literals: exact values and prefixes.
+struct Trie {
+    nodes: Vec<TrieNode>,
+}
+
+#[derive(Default)]
+struct TrieNode {
+    children: Vec<(u8, u32)>,
+    /// An excluded prefix ends here: this value and all its extensions are excluded.
+    prefix_end: bool,
+    /// An excluded exact value ends here.
+    exact_end: bool,
+}
+
+/// The node of values that left every excluded literal behind.
+const FREE: u32 = u32::MAX;
+
+impl Default for Trie {
+    fn default() -> Trie {
+        Trie {
+            nodes: vec![TrieNode::default()],
+        }
+    }
+}
+
+impl Trie {
+    fn insert(&mut self, literal: &str, prefix: bool) {
+        let mut node = 0;
+        for &byte in literal.as_bytes() {
+            node = match self.nodes[node].children.iter().find(|(b, _)| *b == byte) {
+                Some(&(_, child)) => child as usize,
+                None => {
+                    self.nodes.push(TrieNode::default());
+                    let child = self.nodes.len() - 1;
+                    self.nodes[node].children.push((byte, child as u32));
+                    child
+                }
+            };
+        }
+        if prefix {
+            self.nodes[node].prefix_end = true;
+        } else {
+            self.nodes[node].exact_end = true;
+        }
+    }
+
+    fn step(&self, node: u32, byte: u8) -> u32 {
+        if node == FREE {
+            return FREE;
+        }
+        self.nodes[node as usize]
+            .children
+            .iter()
+            .find(|(b, _)| *b == byte)
+            .map_or(FREE, |&(_, child)| child)
+    }
+
+    fn prefix_end(&self, node: u32) -> bool {
+        node != FREE && self.nodes[node as usize].prefix_end
+    }
+
+    fn exact_end(&self, node: u32) -> bool {
+        node != FREE && self.nodes[node as usize].exact_end
     }
 }
 

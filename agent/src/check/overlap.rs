@@ -39,6 +39,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    hash::{BuildHasherDefault, Hasher},
     ops::Range,
 };
 
@@ -113,7 +114,9 @@ struct ValueIndex {
     prefix: BTreeMap<String, Vec<Rank>>,
     /// Distinct lengths of the keys of `prefix`, ascending.
     prefix_lens: Vec<usize>,
-    /// Members whose condition is neither one exact value nor one prefix.
+    /// Members that only require the header (a share's hash header): they meet any value.
+    any: Vec<Rank>,
+    /// Members whose condition is none of these.
     other: Vec<Rank>,
 }
 
@@ -141,7 +144,36 @@ struct Index<'a> {
 /// The mutable side of the analysis: the solver's budget and DFAs, and decided condition pairs.
 struct Work {
     solver: Solver,
-    compat: HashMap<(CondId, CondId), Compat>,
+    /// By `pair_key`.
+    compat: HashMap<u64, Compat, BuildHasherDefault<PairHasher>>,
+}
+
+/// One u64 for an unordered pair of condition ids.
+fn pair_key(a: CondId, b: CondId) -> u64 {
+    (u64::from(a.min(b)) << 32) | u64::from(a.max(b))
+}
+
+/// The compat cache is looked up for most candidate pairs: a multiplicative hash of the pair
+/// key, where SipHash cost as much as the regex match it saves.
+#[derive(Default)]
+struct PairHasher(u64);
+
+impl Hasher for PairHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(26);
+    }
 }
 
 /// Adds shadowed releases, equal-priority conflicts and overlap summaries to `report`;
@@ -154,7 +186,7 @@ pub(super) fn analyse(
 ) {
     let mut work = Work {
         solver: Solver::new(options.steps),
-        compat: HashMap::new(),
+        compat: HashMap::default(),
     };
     let index = Index::build(config, &mut work, report);
     let mut completed = 0;
@@ -335,7 +367,8 @@ impl<'a> Index<'a> {
                         values.prefix.entry(p.clone()).or_default().push(rank);
                         values.prefix_lens.push(p.len());
                     }
-                    Shape::Any | Shape::Other => values.other.push(rank),
+                    Shape::Any => values.any.push(rank),
+                    Shape::Other => values.other.push(rank),
                 }
             }
         }
@@ -382,9 +415,23 @@ impl<'a> Index<'a> {
             (Shape::Prefix(p), Shape::Prefix(q)) => {
                 return yes(p.starts_with(q.as_str()) || q.starts_with(p.as_str()));
             }
-            (Shape::Exact(v), Shape::Other) => return yes(ib.cond.satisfied_by(v)),
-            (Shape::Other, Shape::Exact(v)) => return yes(ia.cond.satisfied_by(v)),
             _ => {}
+        }
+        let key = pair_key(a, b);
+        if let Some(&known) = work.compat.get(&key) {
+            return known;
+        }
+        if let (Shape::Exact(v), Shape::Other) | (Shape::Other, Shape::Exact(v)) =
+            (&ia.shape, &ib.shape)
+        {
+            let other = if matches!(ia.shape, Shape::Other) {
+                ia
+            } else {
+                ib
+            };
+            let answer = yes(other.cond.satisfied_by(v));
+            work.compat.insert(key, answer);
+            return answer;
         }
         // A common value starts with a literal of each side: one literal a prefix of the other.
         if let (Some(pa), Some(pb)) = (&ia.prefixes, &ib.prefixes)
@@ -393,11 +440,8 @@ impl<'a> Index<'a> {
                     .any(|y| x.starts_with(y.as_str()) || y.starts_with(x.as_str()))
             })
         {
+            work.compat.insert(key, Compat::No);
             return Compat::No;
-        }
-        let key = (a.min(b), a.max(b));
-        if let Some(&known) = work.compat.get(&key) {
-            return known;
         }
         let both = Cond {
             pos: ia.cond.pos.iter().chain(&ib.cond.pos).cloned().collect(),
@@ -458,36 +502,26 @@ impl<'a> Index<'a> {
             let (_, cond) = entry.required.iter().find(|(mine, _)| mine == h)?;
             Some((i, *cond))
         });
-        let selectivity = |cond: CondId| match self.conds[cond as usize].shape {
-            Shape::Exact(_) => 0,
-            Shape::Prefix(_) => 1,
-            Shape::Other | Shape::Any => 2,
+        let selectivity = |cond: CondId| {
+            let info = &self.conds[cond as usize];
+            match info.shape {
+                Shape::Exact(_) => 0,
+                Shape::Prefix(_) => 1,
+                Shape::Other if info.prefixes.is_some() => 2,
+                Shape::Other | Shape::Any => 3,
+            }
         };
         let (i, cond) = shared.min_by_key(|(_, c)| selectivity(*c))?;
         let values = &group.values[i];
-        let mut buckets: Vec<&[Rank]> = Vec::new();
-        match &self.conds[cond as usize].shape {
-            Shape::Exact(v) => {
-                buckets.extend(values.exact.get(v.as_str()).map(Vec::as_slice));
-                for &len in values.prefix_lens.iter().take_while(|&&l| l <= v.len()) {
-                    if let Some(list) = v.get(..len).and_then(|p| values.prefix.get(p)) {
-                        buckets.push(list);
-                    }
-                }
-                buckets.push(&values.other);
-            }
-            Shape::Prefix(p) => {
-                buckets.extend(starting_with(&values.exact, p));
-                // Prefixes extending p (p itself included), then the shorter ones p extends.
-                buckets.extend(starting_with(&values.prefix, p));
-                for &len in values.prefix_lens.iter().take_while(|&&l| l < p.len()) {
-                    if let Some(list) = p.get(..len).and_then(|q| values.prefix.get(q)) {
-                        buckets.push(list);
-                    }
-                }
-                buckets.push(&values.other);
-            }
-            Shape::Any | Shape::Other => buckets.push(&group.members),
+        let mut buckets = Vec::new();
+        if self
+            .compatible_buckets(values, cond, &mut buckets)
+            .is_some()
+        {
+            buckets.push(&values.any);
+            buckets.push(&values.other);
+        } else {
+            buckets.push(&group.members);
         }
         for bucket in buckets {
             let from = bucket.partition_point(|&r| r < range.start);
@@ -502,6 +536,139 @@ impl<'a> Index<'a> {
             }
         }
         Some(())
+    }
+
+    /// The buckets of `values` whose exact values and prefixes may meet condition `cond`:
+    /// `Some(true)` when every member of them does (one exact value or prefix against
+    /// another), `Some(false)` when they still need comparing one by one (a regex, through its
+    /// literal prefixes), `None` (nothing added) when the index cannot narrow them.
+    fn compatible_buckets<'v>(
+        &self,
+        values: &'v ValueIndex,
+        cond: CondId,
+        out: &mut Vec<&'v [Rank]>,
+    ) -> Option<bool> {
+        let info = &self.conds[cond as usize];
+        let literals: Vec<&str> = match &info.shape {
+            Shape::Exact(v) => {
+                out.extend(values.exact.get(v.as_str()).map(Vec::as_slice));
+                for &len in values.prefix_lens.iter().take_while(|&&l| l <= v.len()) {
+                    if let Some(list) = v.get(..len).and_then(|p| values.prefix.get(p)) {
+                        out.push(list);
+                    }
+                }
+                return Some(true);
+            }
+            Shape::Prefix(p) => vec![p.as_str()],
+            Shape::Other => info.prefixes.as_ref()?.iter().map(String::as_str).collect(),
+            Shape::Any => return None,
+        };
+        for p in &literals {
+            out.extend(starting_with(&values.exact, p));
+            // Prefixes extending p (p itself included), then the shorter ones p extends.
+            out.extend(starting_with(&values.prefix, p));
+            for &len in values.prefix_lens.iter().take_while(|&&l| l < p.len()) {
+                if let Some(list) = p.get(..len).and_then(|q| values.prefix.get(q)) {
+                    out.push(list);
+                }
+            }
+        }
+        if literals.len() > 1 {
+            // One literal may extend another: each bucket once.
+            out.sort_unstable_by_key(|list| list.as_ptr());
+            out.dedup_by_key(|list| list.as_ptr());
+        }
+        Some(matches!(info.shape, Shape::Prefix(_)))
+    }
+
+    /// How many members of `group` ranked in `range` overlap release `rank`, and how many of
+    /// those only possibly. Where one header decides, whole index buckets are counted, not
+    /// visited.
+    fn count_in(
+        &self,
+        work: &mut Work,
+        rank: Rank,
+        group: &Group,
+        range: &Range<Rank>,
+    ) -> (usize, usize) {
+        if range.is_empty() {
+            return (0, 0);
+        }
+        let entry = &self.entries[rank as usize];
+        // Shared headers where this release's condition is more than "present".
+        let deciding: Vec<(usize, CondId)> = group
+            .headers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| {
+                let (_, cond) = entry.required.iter().find(|(mine, _)| mine == h)?;
+                (!matches!(self.conds[*cond as usize].shape, Shape::Any)).then_some((i, *cond))
+            })
+            .collect();
+        let within = |list: &[Rank]| {
+            list.partition_point(|&r| r < range.end) - list.partition_point(|&r| r < range.start)
+        };
+        match deciding.as_slice() {
+            // Every member overlaps: this release accepts any value they may require.
+            [] => (Self::in_range(group, range).len(), 0),
+            &[(i, cond)] => {
+                let values = &group.values[i];
+                let mut buckets = Vec::new();
+                let Some(decided) = self.compatible_buckets(values, cond, &mut buckets) else {
+                    return self.count_visiting(work, rank, group, range);
+                };
+                let mut count = within(&values.any);
+                let mut unsure = vec![&values.other[..]];
+                if decided {
+                    count += buckets.into_iter().map(within).sum::<usize>();
+                } else {
+                    unsure.extend(buckets);
+                }
+                let mut possible = 0;
+                let header = group.headers[i];
+                for list in unsure {
+                    let from = list.partition_point(|&r| r < range.start);
+                    for &other in list[from..].iter().take_while(|&&r| r < range.end) {
+                        if !work.solver.spend(1) {
+                            break;
+                        }
+                        let theirs = self.entries[other as usize]
+                            .required
+                            .iter()
+                            .find(|(h, _)| *h == header)
+                            .map(|(_, c)| *c)
+                            .expect("members require the group's headers");
+                        match self.compat(work, cond, theirs) {
+                            Compat::No => {}
+                            Compat::Yes => count += 1,
+                            Compat::Unknown => {
+                                count += 1;
+                                possible += 1;
+                            }
+                        }
+                    }
+                }
+                (count, possible)
+            }
+            _ => self.count_visiting(work, rank, group, range),
+        }
+    }
+
+    fn count_visiting(
+        &self,
+        work: &mut Work,
+        rank: Rank,
+        group: &Group,
+        range: &Range<Rank>,
+    ) -> (usize, usize) {
+        let mut found = Vec::new();
+        match self.overlapping(work, rank, group, range.clone(), &mut found) {
+            None => (Self::in_range(group, range).len(), 0),
+            Some(()) => (
+                found.len(),
+                found.iter().filter(|(_, c)| *c == Compat::Unknown).count(),
+            ),
+        }
     }
 
     /// The members of `group` ranked in `range`, when none shares a header with the release.
@@ -746,8 +913,9 @@ impl<'a> Index<'a> {
         })
     }
 
-    /// Counts the overlaps of `rank` with the releases of higher priority (and, for each of
-    /// them, one below); streams each pair to `each` when given.
+    /// Counts the overlaps of `rank` with the releases above and below it (each release counts
+    /// its own); finds it an example while the report has room, and streams each pair with a
+    /// higher release to `each` when given.
     fn count_overlaps(
         &self,
         rank: Rank,
@@ -764,32 +932,26 @@ impl<'a> Index<'a> {
             if !work.solver.spend(1) {
                 return;
             }
-            if self
-                .overlapping(work, rank, group, above.clone(), &mut found)
-                .is_none()
-            {
-                // No shared header: every member overlaps. Count both directions here (the
-                // members do the same for this release), visit them only to stream.
-                let higher = Self::in_range(group, &above);
-                summaries[rank as usize].above += higher.len();
-                summaries[rank as usize].below += Self::in_range(group, &below).len();
-                if each.is_none() {
-                    found.extend(higher.first().map(|&r| (r, Compat::Yes)));
-                    self.examples(work, rank, &found, summaries, examples_left, each);
-                    continue;
+            let (higher, possible_higher) = self.count_in(work, rank, group, &above);
+            let (lower, possible_lower) = self.count_in(work, rank, group, &below);
+            let summary = &mut summaries[rank as usize];
+            summary.above += higher;
+            summary.below += lower;
+            summary.possible += possible_higher + possible_lower;
+            let wanted = higher > 0 && *examples_left > 0 && summary.example.is_none();
+            if wanted || each.is_some() {
+                if self
+                    .overlapping(work, rank, group, above.clone(), &mut found)
+                    .is_none()
+                {
+                    found.extend(
+                        Self::in_range(group, &above)
+                            .iter()
+                            .map(|&r| (r, Compat::Yes)),
+                    );
                 }
-                found.extend(higher.iter().map(|&r| (r, Compat::Yes)));
-            } else {
-                for &(other, answer) in &found {
-                    let summary = &mut summaries[rank as usize];
-                    summary.above += 1;
-                    summary.possible += usize::from(answer == Compat::Unknown);
-                    let theirs = &mut summaries[other as usize];
-                    theirs.below += 1;
-                    theirs.possible += usize::from(answer == Compat::Unknown);
-                }
+                self.examples(work, rank, &found, summaries, examples_left, each);
             }
-            self.examples(work, rank, &found, summaries, examples_left, each);
         }
     }
 
@@ -861,8 +1023,8 @@ impl<'a> Index<'a> {
 /// The lists of the keys of `map` that start with `prefix`.
 fn starting_with<'m>(
     map: &'m BTreeMap<String, Vec<Rank>>,
-    prefix: &'m str,
-) -> impl Iterator<Item = &'m [Rank]> + 'm {
+    prefix: &str,
+) -> impl Iterator<Item = &'m [Rank]> {
     map.range::<str, _>((
         std::ops::Bound::Included(prefix),
         std::ops::Bound::Unbounded,
