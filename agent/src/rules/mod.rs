@@ -4,9 +4,10 @@
 //! request's tags) and, for a percentage release, the user's sticky hash falls in its share.
 //! Among the matching releases the smallest priority number wins; none matching means primary.
 //!
-//! Releases are compiled into an index keyed by one "anchor" matcher each (an exact value, else a
-//! prefix), so a decision looks only at the releases that the request's headers can reach and
-//! costs in proportion to those headers, not to the number of releases.
+//! Releases are compiled into an index keyed by one "anchor" matcher each (the rarest exact
+//! value, else a prefix, else a regex's literal prefixes), so a decision looks only at the
+//! releases that the request's headers can reach and costs in proportion to those headers, not
+//! to the number of releases.
 
 mod matcher;
 mod tags;
@@ -56,6 +57,9 @@ struct HeaderIndex {
     prefix_lens: Vec<usize>,
 }
 
+/// Header -> exact value -> how many releases require it.
+type Frequency = HashMap<String, HashMap<String, usize>>;
+
 /// The compiled, immutable rule set.
 #[derive(Debug, Default)]
 pub struct Ruleset {
@@ -90,6 +94,18 @@ impl Ruleset {
     ) -> Ruleset {
         let mut sorted: Vec<(&Release, Matchers)> = releases.into_iter().collect();
         sorted.sort_by(|(a, _), (b, _)| rank_order(a, b));
+        let mut frequency: Frequency = HashMap::new();
+        for (_, matchers) in &sorted {
+            for condition in &matchers.conditions {
+                if let Test::Exact(v) = &condition.test {
+                    *frequency
+                        .entry(condition.header.clone())
+                        .or_default()
+                        .entry(v.clone())
+                        .or_default() += 1;
+                }
+            }
+        }
         let mut ruleset = Ruleset::default();
         for (rank, (release, matchers)) in sorted.into_iter().enumerate() {
             let rank = rank as u32;
@@ -99,7 +115,7 @@ impl Ruleset {
                 matchers,
                 targets: release.targets.clone(),
             };
-            ruleset.add_to_index(rank, &compiled);
+            ruleset.add_to_index(rank, &compiled, &frequency);
             ruleset.by_name.insert(compiled.name.clone(), rank);
             ruleset.releases.push(compiled);
         }
@@ -110,38 +126,58 @@ impl Ruleset {
         ruleset
     }
 
-    fn add_to_index(&mut self, rank: u32, release: &CompiledRelease) {
-        // Anchor on an exact value where there is one: it selects the fewest requests.
+    /// Files the release under one anchor: the exact value that the fewest releases require
+    /// (`frequency`), else its longest prefix, else the literal prefixes of one of its
+    /// regexes; a release with none of these is a candidate for every request.
+    fn add_to_index(&mut self, rank: u32, release: &CompiledRelease, frequency: &Frequency) {
         let conditions = &release.matchers.conditions;
-        let anchor = conditions
+        let exact = conditions
             .iter()
-            .find(|c| matches!(c.test, Test::Exact(_)))
-            .or_else(|| {
-                conditions
-                    .iter()
-                    .find(|c| matches!(c.test, Test::Prefix(_)))
+            .filter_map(|c| match &c.test {
+                Test::Exact(v) => Some((c, v)),
+                _ => None,
+            })
+            .min_by_key(|(c, v)| {
+                frequency
+                    .get(&c.header)
+                    .and_then(|values| values.get(v.as_str()))
             });
-        match anchor {
-            Some(Condition {
-                header,
-                test: Test::Exact(value),
-            }) => self
-                .index
-                .entry(header.clone())
+        if let Some((condition, value)) = exact {
+            self.index
+                .entry(condition.header.clone())
                 .or_default()
                 .exact
                 .entry(value.clone())
                 .or_default()
-                .push(rank),
-            Some(Condition {
-                header,
-                test: Test::Prefix(value),
-            }) => {
-                let index = self.index.entry(header.clone()).or_default();
-                index.prefix.entry(value.clone()).or_default().push(rank);
-                index.prefix_lens.push(value.len());
+                .push(rank);
+            return;
+        }
+        let prefixes = conditions
+            .iter()
+            .filter_map(|c| match &c.test {
+                Test::Prefix(p) => Some((c, vec![p.as_str()])),
+                _ => None,
+            })
+            .max_by_key(|(_, p)| p[0].len())
+            .or_else(|| {
+                // A regex's literals: every value it accepts starts with one of them.
+                conditions
+                    .iter()
+                    .find_map(|c| Some((c, c.test.prefixes().filter(|l| l.len() <= 16)?)))
+            });
+        match prefixes {
+            Some((condition, literals)) => {
+                let index = self.index.entry(condition.header.clone()).or_default();
+                for literal in literals {
+                    let list = index.prefix.entry(literal.to_string()).or_default();
+                    // Two literals of one regex may share a key.
+                    if list.last() != Some(&rank) {
+                        list.push(rank);
+                    }
+                    index.prefix_lens.push(literal.len());
+                }
             }
-            _ => self.unanchored.push(rank),
+            None => self.unanchored.push(rank),
         }
     }
 
