@@ -99,8 +99,8 @@ pub struct Options {
 }
 
 impl Default for Options {
-    /// About a second of work at most on one core; a 10,000-release configuration of the
-    /// benchmarks' mix takes a small fraction of it.
+    /// Enough for the 10,000-release configuration of the benchmarks' mix to complete; a few
+    /// seconds of one core at most.
     fn default() -> Options {
         Options {
             steps: 20_000_000,
