@@ -1,5 +1,7 @@
-//! `decide` at 10, 1,000 and 10,000 releases with 8 request headers (goal: < 1 µs at 10,000),
-//! and `check` of 10,000 releases (goal: < 1 s). Run with `cargo xtask bench`.
+//! `decide` at 10, 1,000 and 10,000 releases with 8 request headers, exact matchers on two
+//! headers and then the mixed configurations of `check::sample` (goal: < 1 µs at 10,000), and
+//! `check` of 10,000 exact releases and of 1,000, 3,000 and 10,000 mixed ones (goal: < 1 s).
+//! Run with `cargo xtask bench`, which also prints `steer check`'s peak memory.
 
 use std::hint::black_box;
 
@@ -89,6 +91,50 @@ fn bench_decide(c: &mut Criterion) {
     group.finish();
 }
 
+/// Sizes of the mixed configurations.
+const MIXED: [usize; 3] = [1_000, 3_000, 10_000];
+
+/// A user's request to a mixed configuration: the tags of the lowest-ranked release that has
+/// exact matchers only (so some release matches), a user id, and the usual other headers.
+fn mixed_request(config: &Config) -> HeaderPairs {
+    let tags = config
+        .releases
+        .iter()
+        .rev()
+        .find(|r| r.percent.is_none() && r.matchers.iter().all(|m| m.exact.is_some()))
+        .expect("the sample has exact releases");
+    let mut pairs: Vec<(String, String)> = [
+        ("host", "svc-001.default.svc.cluster.local"),
+        ("user-agent", "okhttp/4.12"),
+        ("accept", "application/json"),
+        ("x-request-id", "4bf92f3577b34da6"),
+        ("x-user-id", "user-12345"),
+    ]
+    .map(|(n, v)| (n.to_string(), v.to_string()))
+    .into();
+    for m in &tags.matchers {
+        pairs.push((m.header.clone(), m.exact.clone().expect("exact")));
+    }
+    HeaderPairs::new(pairs)
+}
+
+fn bench_decide_mixed(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decide-mixed");
+    for n in MIXED {
+        let config = check::sample::mixed(n, 1);
+        let rules = Ruleset::compile(&config).unwrap();
+        let tags = mixed_request(&config);
+        assert!(
+            rules.decide(&tags).is_some(),
+            "the benchmark request must match"
+        );
+        group.bench_with_input(BenchmarkId::from_parameter(n), &tags, |b, tags| {
+            b.iter(|| black_box(rules.decide(black_box(tags))).map(|r| r.priority))
+        });
+    }
+    group.finish();
+}
+
 fn bench_check(c: &mut Criterion) {
     let config = releases(10_000);
     let mut group = c.benchmark_group("check");
@@ -97,7 +143,17 @@ fn bench_check(c: &mut Criterion) {
         b.iter(|| black_box(check::check(&config)).valid)
     });
     group.finish();
+
+    let mut group = c.benchmark_group("check-mixed");
+    group.sample_size(10);
+    for n in MIXED {
+        let config = check::sample::mixed(n, 1);
+        group.bench_with_input(BenchmarkId::from_parameter(n), &config, |b, config| {
+            b.iter(|| black_box(check::check(config)).valid)
+        });
+    }
+    group.finish();
 }
 
-criterion_group!(benches, bench_decide, bench_check);
+criterion_group!(benches, bench_decide, bench_decide_mixed, bench_check);
 criterion_main!(benches);

@@ -97,6 +97,13 @@ enum Command {
         config: PathBuf,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// Also list every overlapping pair of releases as it is found (one line each; JSON
+        /// lines with --format json), not only the per-release counts.
+        #[arg(long)]
+        overlaps: bool,
+        /// Work steps the overlap analysis may take before it stops with a warning.
+        #[arg(long, default_value_t = check::Options::default().steps)]
+        steps: u64,
     },
     /// Show which release and version a request with the given headers gets at a service.
     Explain {
@@ -109,6 +116,14 @@ enum Command {
         headers: Vec<(String, String)>,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+    },
+    /// Print a large mixed configuration (the benchmarks' checker workload) as YAML.
+    #[command(hide = true)]
+    SampleConfig {
+        #[arg(long)]
+        releases: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
 }
 
@@ -166,13 +181,26 @@ impl Cli {
                 print!("{}", crate::kubernetes::crd::crd_yaml());
                 ExitCode::SUCCESS
             }
-            Command::Check { config, format } => run_check(&config, format),
+            Command::Check {
+                config,
+                format,
+                overlaps,
+                steps,
+            } => run_check(&config, format, overlaps, steps),
             Command::Explain {
                 config,
                 service,
                 headers,
                 format,
             } => run_explain(&config, &service, headers, format),
+            Command::SampleConfig { releases, seed } => {
+                let config = check::sample::mixed(releases, seed);
+                print!(
+                    "{}",
+                    serde_yaml_ng::to_string(&config).expect("configuration serialises")
+                );
+                ExitCode::SUCCESS
+            }
         }
     }
 }
@@ -230,13 +258,35 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
-fn run_check(path: &std::path::Path, format: Format) -> ExitCode {
+fn run_check(path: &std::path::Path, format: Format, overlaps: bool, steps: u64) -> ExitCode {
     let config = match load(path) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let report = check::check(&config);
+    let options = check::Options {
+        steps,
+        ..check::Options::default()
+    };
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let mut print_overlap = |overlap: check::Overlap| {
+        let line = match format {
+            Format::Json => serde_json::to_string(&overlap).expect("overlap serialises"),
+            Format::Text => render_overlap("overlap", &overlap),
+        };
+        let _ = writeln!(stdout, "{line}");
+    };
+    let report = check::check_with(
+        &config,
+        &options,
+        overlaps.then_some(&mut print_overlap as &mut dyn FnMut(check::Overlap)),
+    );
     match format {
+        // As one more JSON line after the streamed overlaps.
+        Format::Json if overlaps => println!(
+            "{}",
+            serde_json::to_string(&report).expect("report serialises")
+        ),
         Format::Json => println!(
             "{}",
             serde_json::to_string_pretty(&report).expect("report serialises")
@@ -260,7 +310,8 @@ fn run_explain(
         Ok(config) => config,
         Err(code) => return code,
     };
-    let snapshot = match Snapshot::build(config) {
+    // Explaining one request needs the compiled rules, not the overlap analysis.
+    let snapshot = match Snapshot::build_structural(config) {
         Ok((snapshot, _)) => snapshot,
         Err(rejected) => {
             eprint!(
@@ -292,17 +343,23 @@ fn run_explain(
     ExitCode::SUCCESS
 }
 
-/// The report for people: one aligned line per finding, then what to change.
+/// Overlap summaries shown in the text report; `--format json` has them all.
+const SHOWN_OVERLAPS: usize = 20;
+
+/// The report for people: one aligned line per finding, then the releases that overlap the
+/// most higher-priority releases.
 pub fn render_report(origin: &str, report: &Report) -> String {
     let mut out = String::new();
     let verdict = if report.valid { "valid" } else { "INVALID" };
+    let pairs: usize = report.overlaps.iter().map(|o| o.above).sum();
     let _ = writeln!(
         out,
-        "{origin}: {verdict} ({} error(s), {} warning(s), {} shadowed, {} overlap(s))",
+        "{origin}: {verdict} ({} error(s), {} warning(s), {} shadowed, {} overlapping pair(s) \
+         resolved by priority)",
         report.errors.len(),
         report.warnings.len(),
         report.shadowed.len(),
-        report.overlaps.len()
+        pairs
     );
     for (title, findings) in [("error", &report.errors), ("warning", &report.warnings)] {
         let width = findings.iter().map(|f| f.code.len()).max().unwrap_or(0);
@@ -314,15 +371,49 @@ pub fn render_report(origin: &str, report: &Report) -> String {
             );
         }
     }
-    for overlap in &report.overlaps {
+    let mut most: Vec<&check::OverlapSummary> = report.overlaps.iter().collect();
+    most.sort_by_key(|o| std::cmp::Reverse(o.above));
+    for summary in most.iter().take(SHOWN_OVERLAPS) {
+        let _ = write!(
+            out,
+            "  overlap  `{}`: {} higher-priority release(s) take some of its requests, it takes \
+             some of {} lower-priority one(s)",
+            summary.release, summary.above, summary.below
+        );
+        if summary.possible > 0 {
+            let _ = write!(out, " ({} only possibly)", summary.possible);
+        }
+        match &summary.example {
+            Some(example) => {
+                let _ = writeln!(out, "; {}", render_overlap("e.g.", example));
+            }
+            None => out.push('\n'),
+        }
+    }
+    if most.len() > SHOWN_OVERLAPS {
         let _ = writeln!(
             out,
-            "  overlap  `{}` and `{}`: e.g. {{{}}} goes to `{}` (higher priority)",
-            overlap.releases[0],
-            overlap.releases[1],
-            render_example(&overlap.example),
-            overlap.winner
+            "  ... and {} more overlapping release(s): --format json lists them, --overlaps \
+             every pair",
+            most.len() - SHOWN_OVERLAPS
         );
     }
     out
+}
+
+/// `overlap `a` and `b` both match {x-device: android}: `a` has the higher priority`.
+fn render_overlap(title: &str, overlap: &check::Overlap) -> String {
+    let [first, second] = &overlap.releases;
+    match &overlap.example {
+        Some(example) => format!(
+            "{title} `{first}` and `{second}` both match {{{}}}: `{}` has the higher priority",
+            render_example(example),
+            overlap.winner
+        ),
+        None => format!(
+            "{title} `{first}` and `{second}` may overlap (no example found); `{}` has the \
+             higher priority",
+            overlap.winner
+        ),
+    }
 }

@@ -197,33 +197,6 @@ pub struct Matcher {
     pub regex: Option<String>,
 }
 
-/// How a matcher compares a header value, once its form has been validated.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum MatchKind<'a> {
-    Exact(&'a str),
-    Prefix(&'a str),
-    Regex(&'a str),
-}
-
-impl Matcher {
-    /// The one comparison this matcher names, or why it does not name exactly one.
-    pub fn kind(&self) -> Result<MatchKind<'_>, String> {
-        match (&self.exact, &self.prefix, &self.regex) {
-            (Some(v), None, None) => Ok(MatchKind::Exact(v)),
-            (None, Some(v), None) => Ok(MatchKind::Prefix(v)),
-            (None, None, Some(v)) => Ok(MatchKind::Regex(v)),
-            (None, None, None) => Err(format!(
-                "matcher on header `{}` needs one of `exact`, `prefix` or `regex`",
-                self.header
-            )),
-            _ => Err(format!(
-                "matcher on header `{}` sets more than one of `exact`, `prefix`, `regex`",
-                self.header
-            )),
-        }
-    }
-}
-
 /// A configuration file that could not be read or parsed (as opposed to one that parsed but
 /// breaks a rule, which the checker reports).
 #[derive(Debug)]
@@ -340,7 +313,7 @@ releases:
         let release = &config.releases[0];
         assert_eq!(release.percent, Some(10.0));
         assert_eq!(release.hash_by.as_deref(), Some("x-user-id"));
-        assert_eq!(release.matchers[0].kind(), Ok(MatchKind::Exact("android")));
+        assert_eq!(release.matchers[0].exact.as_deref(), Some("android"));
     }
 
     #[test]
@@ -398,23 +371,5 @@ releases:
                 "{err}"
             );
         }
-    }
-
-    #[test]
-    fn matcher_must_name_exactly_one_comparison() {
-        let both = Matcher {
-            header: "x".into(),
-            exact: Some("a".into()),
-            prefix: Some("b".into()),
-            regex: None,
-        };
-        assert!(both.kind().unwrap_err().contains("more than one"));
-        let none = Matcher {
-            header: "x".into(),
-            exact: None,
-            prefix: None,
-            regex: None,
-        };
-        assert!(none.kind().unwrap_err().contains("needs one of"));
     }
 }

@@ -141,6 +141,21 @@ impl Snapshot {
         previous: Option<&Snapshot>,
     ) -> Result<(Snapshot, Report), Rejected> {
         let report = check::check(&config);
+        Snapshot::assemble(config, previous, report)
+    }
+
+    /// Like `build`, with the structural checks only (no overlap analysis): enough to explain
+    /// a request, not to put a configuration in force.
+    pub fn build_structural(config: Config) -> Result<(Snapshot, Report), Rejected> {
+        let report = check::check_structure(&config);
+        Snapshot::assemble(config, None, report)
+    }
+
+    fn assemble(
+        config: Config,
+        previous: Option<&Snapshot>,
+        report: Report,
+    ) -> Result<(Snapshot, Report), Rejected> {
         if !report.valid {
             return Err(Rejected(report));
         }

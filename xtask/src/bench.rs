@@ -1,14 +1,16 @@
 //! `cargo xtask bench`: runs the benchmarks, then prints every figure of this run side by side,
 //! each as a ratio to the first member of its group (so "flat in the number of releases" or
-//! "cost added by the programs" reads off one table).
+//! "cost added by the programs" reads off one table), and `steer check`'s time and peak memory
+//! on mixed configurations of growing size.
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    time::SystemTime,
+    process::{Command, Stdio},
+    time::{Instant, SystemTime},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 /// One criterion result: `target/criterion/<group>/<id>/new/`.
@@ -105,4 +107,76 @@ pub fn summarize(target_dir: &Path, since: SystemTime) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Release counts of the checker's scaling table.
+const CHECK_SIZES: [usize; 3] = [1_000, 3_000, 10_000];
+
+/// `steer check` of generated mixed configurations (`steer sample-config`), each in its own
+/// process: wall time and peak resident memory, and the growth from the first size (goal at
+/// 10,000: under 1 s and 200 MB, growing close to linearly).
+pub fn check_scaling(steer: &Path, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    println!(
+        "\n{:<28} {:>10} {:>12} {:>12} {:>16}",
+        "steer check (mixed)", "releases", "time", "peak RSS", "time/release"
+    );
+    let mut first: Option<f64> = None;
+    for releases in CHECK_SIZES {
+        let file = dir.join(format!("mixed-{releases}.yaml"));
+        let output = Command::new(steer)
+            .args(["sample-config", "--releases", &releases.to_string()])
+            .output()
+            .context("run steer sample-config")?;
+        if !output.status.success() {
+            bail!(
+                "steer sample-config failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::fs::write(&file, &output.stdout)
+            .with_context(|| format!("write {}", file.display()))?;
+        let started = Instant::now();
+        let child = Command::new(steer)
+            .args(["check", "--format", "json", "--config"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("run steer check")?;
+        let (status, peak_kib) = wait_with_peak_rss(child)?;
+        let seconds = started.elapsed().as_secs_f64();
+        // 0: valid, 1: findings; anything else is the checker failing.
+        if !matches!(status, 0 | 1) {
+            bail!("steer check of {} exited with {status}", file.display());
+        }
+        let per_release = seconds / releases as f64;
+        let growth = per_release / *first.get_or_insert(per_release);
+        println!(
+            "{:<28} {releases:>10} {:>12} {:>9} MB {:>9} ({growth:.2}x)",
+            "",
+            human(seconds * 1e9),
+            peak_kib / 1024,
+            human(per_release * 1e9),
+        );
+    }
+    Ok(())
+}
+
+/// Waits for `child`; its exit code and its peak resident set in KiB (from wait4, so only this
+/// child counts).
+fn wait_with_peak_rss(child: std::process::Child) -> Result<(i32, i64)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if waited != pid {
+        bail!("wait4: {}", std::io::Error::last_os_error());
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    Ok((code, usage.ru_maxrss))
 }

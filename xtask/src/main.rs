@@ -104,10 +104,12 @@ fn main() -> Result<()> {
             let test_bed_bench =
                 |bin| cargo(&["run", "--release", "--package", "steer-tests", "--bin", bin]);
             test_bed_bench("connect-bench")?;
-            bench::summarize(&workspace_root().join("target"), started)?;
+            bench::summarize(&target_dir(), started)?;
+            cargo(&["build", "--release", "--package", "steer"])?;
+            let steer = target_dir().join("release/steer");
+            bench::check_scaling(&steer, &target_dir().join("check-bench"))?;
             // The node proxy next to nginx and haproxy; prints its own tables.
             install_missing(&BENCH_PACKAGES)?;
-            cargo(&["build", "--release", "--package", "steer"])?;
             test_bed_bench("proxy-bench")
         }
     }
@@ -121,6 +123,13 @@ fn demo(only: Option<&str>) -> Result<()> {
         command.args(["--scenario", scenario]);
     }
     run(&mut command)
+}
+
+/// Where cargo puts what it builds (`CARGO_TARGET_DIR` when set).
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 fn workspace_root() -> PathBuf {

@@ -16,36 +16,8 @@ use regex_automata::{
     util::{primitives::StateID, start},
 };
 
-/// One condition on a present header value.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Atom {
-    Exact(String),
-    Prefix(String),
-    /// A whole-value regex, as configured (without anchors).
-    Regex(String),
-}
-
-impl Atom {
-    fn holds(&self, value: &str, dfas: &mut DfaCache) -> Option<bool> {
-        Some(match self {
-            Atom::Exact(e) => value == e,
-            Atom::Prefix(p) => value.starts_with(p.as_str()),
-            Atom::Regex(_) => {
-                let dfa = dfas.get(self)?;
-                accepts(dfa, value.as_bytes())
-            }
-        })
-    }
-
-    /// The atom as a pattern for the whole value.
-    fn pattern(&self) -> String {
-        match self {
-            Atom::Exact(e) => format!("^{}$", regex::escape(e)),
-            Atom::Prefix(p) => format!("^{}(?s:.)*$", regex::escape(p)),
-            Atom::Regex(r) => format!("^(?:{r})$"),
-        }
-    }
-}
+/// One condition on a present header value: the router's own definition.
+pub use crate::rules::Test as Atom;
 
 /// Present values that satisfy every `pos` atom and no `neg` atom.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -84,27 +56,66 @@ pub enum Witness {
     Unknown,
 }
 
-/// DFAs per atom, built once per check run.
-#[derive(Default)]
-pub struct DfaCache {
+/// What the set reasoning of one check run may spend, and the DFAs it built on the way.
+///
+/// Every search step and every candidate the analysis looks at costs one step; once the steps
+/// run out every further question is answered `Unknown` and the caller says the analysis is
+/// incomplete. DFAs are kept per atom up to a total size, past which an atom is `Unknown` too:
+/// however adversarial the configuration, a check run takes bounded time and memory.
+pub struct Solver {
     dfas: HashMap<Atom, Option<dense::DFA<Vec<u32>>>>,
+    dfa_bytes: usize,
+    steps_left: u64,
 }
 
-impl DfaCache {
+/// The largest DFA of one atom (a counted repetition blows up determinisation).
+const DFA_SIZE_LIMIT: usize = 1 << 20;
+/// The DFAs of one check run together.
+const DFA_TOTAL_LIMIT: usize = 64 << 20;
+
+impl Solver {
+    pub fn new(steps: u64) -> Solver {
+        Solver {
+            dfas: HashMap::new(),
+            dfa_bytes: 0,
+            steps_left: steps,
+        }
+    }
+
+    /// Takes `n` steps from the budget; false (and nothing taken) when they are not there.
+    pub fn spend(&mut self, n: u64) -> bool {
+        match self.steps_left.checked_sub(n) {
+            Some(left) => {
+                self.steps_left = left;
+                true
+            }
+            None => {
+                self.steps_left = 0;
+                false
+            }
+        }
+    }
+
+    pub fn exhausted(&self) -> bool {
+        self.steps_left == 0
+    }
+
     fn get(&mut self, atom: &Atom) -> Option<&dense::DFA<Vec<u32>>> {
-        self.dfas
-            .entry(atom.clone())
-            .or_insert_with(|| {
-                dense::Builder::new()
-                    .configure(
-                        dense::Config::new()
-                            .match_kind(MatchKind::All)
-                            .dfa_size_limit(Some(1 << 22)),
-                    )
-                    .build(&atom.pattern())
-                    .ok()
-            })
-            .as_ref()
+        if !self.dfas.contains_key(atom) {
+            let room = DFA_TOTAL_LIMIT.saturating_sub(self.dfa_bytes);
+            let dfa = dense::Builder::new()
+                .configure(
+                    dense::Config::new()
+                        .match_kind(MatchKind::All)
+                        .dfa_size_limit(Some(room.min(DFA_SIZE_LIMIT)))
+                        .determinize_size_limit(Some(DFA_SIZE_LIMIT)),
+                )
+                .build(&atom.pattern())
+                .ok();
+            self.dfa_bytes += dfa.as_ref().map_or(0, |d| d.memory_usage());
+            self.dfas.insert(atom.clone(), dfa);
+        }
+        self.dfas[atom].as_ref()
     }
 }
 
@@ -115,16 +126,6 @@ fn anchored_start(dfa: &dense::DFA<Vec<u32>>) -> Option<StateID> {
 
 fn is_accepting(dfa: &dense::DFA<Vec<u32>>, state: StateID) -> bool {
     dfa.is_match_state(dfa.next_eoi_state(state))
-}
-
-fn accepts(dfa: &dense::DFA<Vec<u32>>, value: &[u8]) -> bool {
-    let Some(mut state) = anchored_start(dfa) else {
-        return false;
-    };
-    for &byte in value {
-        state = dfa.next_state(state, byte);
-    }
-    is_accepting(dfa, state)
 }
 
 /// Visible ASCII, readable characters first: the alphabet witness values are drawn from.
@@ -146,28 +147,18 @@ impl Cond {
             .any(|a| matches!(a, Atom::Regex(_)))
     }
 
-    fn satisfied_by(&self, value: &str, dfas: &mut DfaCache) -> Option<bool> {
-        for atom in &self.pos {
-            if !atom.holds(value, dfas)? {
-                return Some(false);
-            }
-        }
-        for atom in &self.neg {
-            if atom.holds(value, dfas)? {
-                return Some(false);
-            }
-        }
-        Some(true)
+    pub fn satisfied_by(&self, value: &str) -> bool {
+        self.pos.iter().all(|a| a.holds(value)) && !self.neg.iter().any(|a| a.holds(value))
     }
 
     /// A value satisfying the condition, or proof that there is none.
-    pub fn witness(&self, dfas: &mut DfaCache) -> Witness {
+    pub fn witness(&self, solver: &mut Solver) -> Witness {
         if !self.has_regex()
             && let Some(found) = self.plain_witness()
         {
             return found;
         }
-        self.product_witness(dfas)
+        self.product_witness(solver)
     }
 
     /// String logic for exact and prefix atoms. `None` when too many negative atoms block the
@@ -183,54 +174,98 @@ impl Cond {
                 _ => {}
             }
         }
-        let mut none = DfaCache::default();
-        let candidates: Vec<String> = match exact {
-            Some(e) => vec![e.to_string()],
-            None => std::iter::once(String::new())
-                .chain(alphabet().map(|b| char::from(b).to_string()))
-                .map(|suffix| format!("{longest_prefix}{suffix}"))
-                .collect(),
-        };
-        for candidate in &candidates {
-            if self.satisfied_by(candidate, &mut none) == Some(true) {
-                return Some(Witness::Found(Some(candidate.clone())));
+        if let Some(e) = exact {
+            // Decisive either way.
+            return Some(if self.satisfied_by(e) {
+                Witness::Found(Some(e.to_string()))
+            } else {
+                Witness::Empty
+            });
+        }
+        let prefixes = self.pos.iter().filter_map(|a| match a {
+            Atom::Prefix(p) => Some(p),
+            _ => None,
+        });
+        for p in prefixes {
+            if !longest_prefix.starts_with(p.as_str()) {
+                return Some(Witness::Empty);
             }
         }
-        // An exact candidate that fails is decisive; prefix candidates are only a sample.
-        exact.map(|_| Witness::Empty)
+        // The longest prefix, or it and one more character: a sample that only negative atoms
+        // can exhaust.
+        let mut candidate = longest_prefix.to_string();
+        if self.satisfied_by(&candidate) {
+            return Some(Witness::Found(Some(candidate)));
+        }
+        for byte in alphabet() {
+            candidate.push(char::from(byte));
+            if self.satisfied_by(&candidate) {
+                return Some(Witness::Found(Some(candidate)));
+            }
+            candidate.pop();
+        }
+        None
     }
 
     /// Breadth-first search over the product of the atoms' DFAs for the shortest value that
     /// every positive atom accepts and no negative atom does.
-    fn product_witness(&self, dfas: &mut DfaCache) -> Witness {
-        let atoms: Vec<&Atom> = self.pos.iter().chain(&self.neg).collect();
-        let positives = self.pos.len();
+    fn product_witness(&self, solver: &mut Solver) -> Witness {
+        let limit = SEARCH_BUDGET.min(usize::try_from(solver.steps_left).unwrap_or(usize::MAX));
+        let (witness, steps) = self.product_search(solver, limit);
+        solver.spend(steps as u64);
+        witness
+    }
+
+    /// The search of `product_witness`, visiting at most `limit` product states; returns how
+    /// many it visited.
+    ///
+    /// Negative exact and prefix atoms (hundreds of them are common when a release is compared
+    /// with the releases above it) take part as one trie instead of one DFA each: the search
+    /// state is the DFA states and the trie node the value has reached, `FREE` once it left
+    /// every excluded literal behind.
+    fn product_search(&self, solver: &mut Solver, limit: usize) -> (Witness, usize) {
+        let mut excluded = Trie::default();
+        let mut atoms: Vec<&Atom> = self.pos.iter().collect();
+        let positives = atoms.len();
+        for atom in &self.neg {
+            match atom {
+                Atom::Exact(e) => excluded.insert(e, false),
+                Atom::Prefix(p) => excluded.insert(p, true),
+                Atom::Regex(_) => atoms.push(atom),
+            }
+        }
+        if excluded.nodes[0].prefix_end {
+            return (Witness::Empty, 0);
+        }
         for atom in &atoms {
-            if dfas.get(atom).is_none() {
-                return Witness::Unknown;
+            if solver.get(atom).is_none() {
+                return (Witness::Unknown, 0);
             }
         }
         let machines: Vec<&dense::DFA<Vec<u32>>> = atoms
             .iter()
-            .map(|a| dfas.dfas[*a].as_ref().expect("built above"))
+            .map(|a| solver.dfas[*a].as_ref().expect("built above"))
             .collect();
         let Some(start) = machines
             .iter()
             .map(|d| anchored_start(d))
             .collect::<Option<Vec<StateID>>>()
         else {
-            return Witness::Unknown;
+            return (Witness::Unknown, 0);
         };
-        let mut seen: HashSet<Vec<StateID>> = HashSet::from([start.clone()]);
+        let start = (start, 0);
+        let mut seen: HashSet<(Vec<StateID>, u32)> = HashSet::from([start.clone()]);
         let mut queue = VecDeque::from([(start, Vec::<u8>::new())]);
-        while let Some((states, value)) = queue.pop_front() {
+        while let Some(((states, node), value)) = queue.pop_front() {
             let accepted = states
                 .iter()
                 .zip(&machines)
                 .enumerate()
-                .all(|(i, (&s, d))| is_accepting(d, s) == (i < positives));
+                .all(|(i, (&s, d))| is_accepting(d, s) == (i < positives))
+                && !excluded.exact_end(node);
             if accepted {
-                return Witness::Found(Some(String::from_utf8_lossy(&value).into_owned()));
+                let value = String::from_utf8_lossy(&value).into_owned();
+                return (Witness::Found(Some(value)), seen.len());
             }
             for byte in alphabet() {
                 let next: Vec<StateID> = states
@@ -238,7 +273,8 @@ impl Cond {
                     .zip(&machines)
                     .map(|(&s, d)| d.next_state(s, byte))
                     .collect();
-                // A positive atom in its dead state can never accept again.
+                // A positive atom in its dead state can never accept again, nor can a value
+                // that starts with an excluded prefix.
                 if next[..positives]
                     .iter()
                     .zip(&machines)
@@ -246,26 +282,96 @@ impl Cond {
                 {
                     continue;
                 }
-                if seen.insert(next.clone()) {
-                    if seen.len() > SEARCH_BUDGET {
-                        return Witness::Unknown;
+                let next_node = excluded.step(node, byte);
+                if excluded.prefix_end(next_node) {
+                    continue;
+                }
+                if seen.insert((next.clone(), next_node)) {
+                    if seen.len() > limit {
+                        return (Witness::Unknown, seen.len());
                     }
                     let mut longer = value.clone();
                     longer.push(byte);
-                    queue.push_back((next, longer));
+                    queue.push_back(((next, next_node), longer));
                 }
             }
         }
-        Witness::Empty
+        (Witness::Empty, seen.len())
+    }
+}
+
+/// Excluded literals: exact values and prefixes.
+struct Trie {
+    nodes: Vec<TrieNode>,
+}
+
+#[derive(Default)]
+struct TrieNode {
+    children: Vec<(u8, u32)>,
+    /// An excluded prefix ends here: this value and all its extensions are excluded.
+    prefix_end: bool,
+    /// An excluded exact value ends here.
+    exact_end: bool,
+}
+
+/// The node of values that left every excluded literal behind.
+const FREE: u32 = u32::MAX;
+
+impl Default for Trie {
+    fn default() -> Trie {
+        Trie {
+            nodes: vec![TrieNode::default()],
+        }
+    }
+}
+
+impl Trie {
+    fn insert(&mut self, literal: &str, prefix: bool) {
+        let mut node = 0;
+        for &byte in literal.as_bytes() {
+            node = match self.nodes[node].children.iter().find(|(b, _)| *b == byte) {
+                Some(&(_, child)) => child as usize,
+                None => {
+                    self.nodes.push(TrieNode::default());
+                    let child = self.nodes.len() - 1;
+                    self.nodes[node].children.push((byte, child as u32));
+                    child
+                }
+            };
+        }
+        if prefix {
+            self.nodes[node].prefix_end = true;
+        } else {
+            self.nodes[node].exact_end = true;
+        }
+    }
+
+    fn step(&self, node: u32, byte: u8) -> u32 {
+        if node == FREE {
+            return FREE;
+        }
+        self.nodes[node as usize]
+            .children
+            .iter()
+            .find(|(b, _)| *b == byte)
+            .map_or(FREE, |&(_, child)| child)
+    }
+
+    fn prefix_end(&self, node: u32) -> bool {
+        node != FREE && self.nodes[node as usize].prefix_end
+    }
+
+    fn exact_end(&self, node: u32) -> bool {
+        node != FREE && self.nodes[node as usize].exact_end
     }
 }
 
 impl Lang {
     /// Prefers "absent": examples then name only the headers that matter.
-    pub fn witness(&self, dfas: &mut DfaCache) -> Witness {
+    pub fn witness(&self, solver: &mut Solver) -> Witness {
         match &self.present {
             _ if self.absent => Witness::Found(None),
-            Some(cond) => cond.witness(dfas),
+            Some(cond) => cond.witness(solver),
             None => Witness::Empty,
         }
     }
@@ -274,11 +380,11 @@ impl Lang {
 /// A request in the box, header by header, or why there is none.
 pub fn box_witness(
     request_box: &RequestBox,
-    dfas: &mut DfaCache,
+    solver: &mut Solver,
 ) -> Result<BTreeMap<String, String>, Witness> {
     let mut request = BTreeMap::new();
     for (header, lang) in request_box {
-        match lang.witness(dfas) {
+        match lang.witness(solver) {
             Witness::Found(Some(value)) => {
                 request.insert(header.clone(), value);
             }
@@ -293,6 +399,10 @@ pub fn box_witness(
 mod tests {
     use super::*;
 
+    fn regex(pattern: &str) -> Atom {
+        Atom::Regex(crate::rules::WholeValueRegex::new(pattern).unwrap())
+    }
+
     fn cond(pos: Vec<Atom>, neg: Vec<Atom>) -> Cond {
         Cond { pos, neg }
     }
@@ -306,55 +416,49 @@ mod tests {
 
     #[test]
     fn exact_and_prefix_by_string_logic() {
-        let mut dfas = DfaCache::default();
+        let mut solver = Solver::new(u64::MAX);
         let c = cond(
             vec![Atom::Exact("ab".into()), Atom::Prefix("a".into())],
             vec![],
         );
-        assert_eq!(found(c.witness(&mut dfas)).as_deref(), Some("ab"));
+        assert_eq!(found(c.witness(&mut solver)).as_deref(), Some("ab"));
         let c = cond(
             vec![Atom::Exact("ab".into()), Atom::Exact("b".into())],
             vec![],
         );
-        assert_eq!(c.witness(&mut dfas), Witness::Empty);
+        assert_eq!(c.witness(&mut solver), Witness::Empty);
         let c = cond(
             vec![Atom::Prefix("a".into())],
             vec![Atom::Exact("a".into())],
         );
-        let value = found(c.witness(&mut dfas)).unwrap();
+        let value = found(c.witness(&mut solver)).unwrap();
         assert!(value.starts_with('a') && value != "a");
         let c = cond(
             vec![Atom::Prefix("ab".into())],
             vec![Atom::Prefix("a".into())],
         );
-        assert_eq!(c.witness(&mut dfas), Witness::Empty);
+        assert_eq!(c.witness(&mut solver), Witness::Empty);
     }
 
     #[test]
     fn regex_by_product_search() {
-        let mut dfas = DfaCache::default();
+        let mut solver = Solver::new(u64::MAX);
         let c = cond(
-            vec![Atom::Regex("[0-9]+".into()), Atom::Prefix("4".into())],
-            vec![Atom::Regex("4[0-9]".into())],
+            vec![regex("[0-9]+"), Atom::Prefix("4".into())],
+            vec![regex("4[0-9]")],
         );
-        let value = found(c.witness(&mut dfas)).unwrap();
+        let value = found(c.witness(&mut solver)).unwrap();
         assert!(value.starts_with('4') && value.len() != 2, "{value}");
-        let c = cond(
-            vec![Atom::Regex("a+".into())],
-            vec![Atom::Prefix("a".into())],
-        );
-        assert_eq!(c.witness(&mut dfas), Witness::Empty);
+        let c = cond(vec![regex("a+")], vec![Atom::Prefix("a".into())]);
+        assert_eq!(c.witness(&mut solver), Witness::Empty);
         // Whole value: `ab` alone does not match `a`.
-        let c = cond(
-            vec![Atom::Regex("a".into()), Atom::Exact("ab".into())],
-            vec![],
-        );
-        assert_eq!(c.witness(&mut dfas), Witness::Empty);
+        let c = cond(vec![regex("a"), Atom::Exact("ab".into())], vec![]);
+        assert_eq!(c.witness(&mut solver), Witness::Empty);
     }
 
     #[test]
     fn absent_is_a_value_of_an_unconstrained_header() {
-        let mut dfas = DfaCache::default();
-        assert_eq!(found(Lang::any().witness(&mut dfas)), None);
+        let mut solver = Solver::new(u64::MAX);
+        assert_eq!(found(Lang::any().witness(&mut solver)), None);
     }
 }

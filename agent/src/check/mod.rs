@@ -1,19 +1,21 @@
 //! The configuration checker: every rule of DESIGN.md "Check", with findings a person can act on.
 //!
 //! Structural checks (names, services, versions, primaries, matchers, percentages) live here;
-//! the set reasoning over releases (shadowing, equal-priority overlap, partial overlaps with an
-//! example request) lives in `overlap`, over the request sets of `lang`.
+//! the set reasoning over releases (shadowing, equal-priority overlap, overlaps that priorities
+//! resolve) lives in `overlap`, over the request sets of `lang`. What a matcher means is the
+//! router's definition (`rules::Test`), so the checker's examples behave as it says.
 
 mod lang;
 mod overlap;
+pub mod sample;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
 use crate::{
-    config::{Config, MatchKind},
-    rules::compile_whole_value_regex,
+    config::Config,
+    rules::{Share, Test},
 };
 
 /// Headers that carry client addresses: the seed says tags must be user-side facts, not IPs.
@@ -32,22 +34,47 @@ pub struct Finding {
 pub struct Shadowed {
     pub release: String,
     pub by: Vec<String>,
-    /// A request that matches `release` and goes to `by` instead.
-    pub example: BTreeMap<String, String>,
+    /// A request that matches `release` and goes to `by` instead (checked against the router);
+    /// absent when none was found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub example: Option<BTreeMap<String, String>>,
     /// The verdict rests on a regex analysis that gave up: possibly shadowed.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub approximate: bool,
 }
 
-/// Two releases that some request matches both: `winner` takes it.
+/// Two releases of distinct priorities that some request matches both: `winner` takes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Overlap {
     pub releases: [String; 2],
     pub winner: String,
-    pub example: BTreeMap<String, String>,
-    /// A regex analysis gave up: the releases may overlap, no example is known.
+    /// A request both match, checked against the router; absent when none was found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub example: Option<BTreeMap<String, String>>,
+    /// A regex analysis gave up: the releases may overlap.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub approximate: bool,
+}
+
+/// How one release overlaps others where distinct priorities decide: information, not a
+/// problem. The full list of pairs is `check_with`'s to stream, not the report's to hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OverlapSummary {
+    pub release: String,
+    /// Higher-priority releases that take some requests this one matches.
+    pub above: usize,
+    /// Lower-priority releases this one takes some requests from.
+    pub below: usize,
+    /// How many of those pairs only may overlap (a regex analysis gave up).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub possible: usize,
+    /// One of those overlaps with an example request, while the report's examples last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub example: Option<Overlap>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Everything the checker found. `valid` is false when there is any error.
@@ -57,7 +84,29 @@ pub struct Report {
     pub errors: Vec<Finding>,
     pub warnings: Vec<Finding>,
     pub shadowed: Vec<Shadowed>,
-    pub overlaps: Vec<Overlap>,
+    /// Releases that overlap others of distinct priority, in rank order.
+    pub overlaps: Vec<OverlapSummary>,
+}
+
+/// Bounds of one check run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Work steps of the set reasoning (candidates visited, automaton states searched, boxes
+    /// split). Past them the analysis stops with an `analysis-incomplete` warning.
+    pub steps: u64,
+    /// Overlap summaries that carry an example request, at most.
+    pub examples: usize,
+}
+
+impl Default for Options {
+    /// Enough for the 10,000-release configuration of the benchmarks' mix to complete; a few
+    /// seconds of one core at most.
+    fn default() -> Options {
+        Options {
+            steps: 20_000_000,
+            examples: 100,
+        }
+    }
 }
 
 impl Report {
@@ -90,12 +139,31 @@ pub fn render_example(example: &BTreeMap<String, String>) -> String {
         .join(", ")
 }
 
-/// Checks a configuration. Never fails: every problem becomes a finding.
+/// Checks a configuration within the default bounds. Never fails: every problem becomes a
+/// finding.
 pub fn check(config: &Config) -> Report {
+    check_with(config, &Options::default(), None)
+}
+
+/// Checks a configuration; `each_overlap`, when given, receives every overlapping pair of
+/// distinct priorities as it is found (the report keeps only per-release summaries).
+pub fn check_with(
+    config: &Config,
+    options: &Options,
+    each_overlap: Option<&mut dyn FnMut(Overlap)>,
+) -> Report {
+    let mut report = check_structure(config);
+    overlap::analyse(config, options, each_overlap, &mut report);
+    report.valid = report.errors.is_empty();
+    report
+}
+
+/// The structural checks alone, without the set reasoning over releases: linear in the size
+/// of the configuration. Enough to compile the rules and explain one request.
+pub fn check_structure(config: &Config) -> Report {
     let mut report = Report::default();
     check_services(config, &mut report);
     check_releases(config, &mut report);
-    overlap::analyse(config, &mut report);
     report.valid = report.errors.is_empty();
     report
 }
@@ -199,22 +267,8 @@ fn check_releases(config: &Config, report: &mut Report) {
             );
         }
         for matcher in &release.matchers {
-            match matcher.kind() {
-                Err(reason) => report.error(
-                    "empty-match",
-                    format!("release `{name}`: {reason}"),
-                    &[name],
-                ),
-                Ok(MatchKind::Regex(pattern)) => {
-                    if let Err(err) = compile_whole_value_regex(pattern) {
-                        report.error(
-                            "invalid-regex",
-                            format!("release `{name}`: {:#}", err),
-                            &[name],
-                        );
-                    }
-                }
-                Ok(_) => {}
+            if let Err(err) = Test::parse(matcher) {
+                report.error(err.code, format!("release `{name}`: {err}"), &[name]);
             }
             let header = matcher.header.to_ascii_lowercase();
             if ADDRESS_HEADERS.contains(&header.as_str()) {
@@ -228,27 +282,12 @@ fn check_releases(config: &Config, report: &mut Report) {
                 );
             }
         }
-        match (release.percent, &release.hash_by) {
-            (None, None) => {}
-            (Some(p), Some(_)) if p > 0.0 && p <= 100.0 => {}
-            (Some(p), Some(_)) => report.error(
+        if let Err(reason) = Share::parse(release) {
+            report.error(
                 "invalid-percent",
-                format!("release `{name}`: percent {p} must be in (0, 100]"),
+                format!("release `{name}`: {reason}"),
                 &[name],
-            ),
-            (Some(_), None) => report.error(
-                "invalid-percent",
-                format!(
-                    "release `{name}`: percent needs `hashBy`, the header that keeps a user on \
-                     one side (e.g. x-user-id)"
-                ),
-                &[name],
-            ),
-            (None, Some(_)) => report.error(
-                "invalid-percent",
-                format!("release `{name}`: hashBy is set but percent is not"),
-                &[name],
-            ),
+            );
         }
         if release.targets.is_empty() {
             report.warning(

@@ -93,8 +93,9 @@ releases:
     let shadow = &report.shadowed[0];
     assert_eq!(shadow.release, "red");
     assert_eq!(shadow.by, ["blue"]);
-    assert_eq!(shadow.example["x-device"], "android");
-    assert_eq!(shadow.example["x-region"], "atlantis");
+    let example = shadow.example.as_ref().expect("an example");
+    assert_eq!(example["x-device"], "android");
+    assert_eq!(example["x-region"], "atlantis");
 }
 
 #[test]
@@ -119,7 +120,7 @@ releases:
 }
 
 #[test]
-fn partial_overlap_is_reported_with_the_winner() {
+fn overlaps_are_counted_per_release_with_an_example() {
     let report = check(&load(
         r#"
 releases:
@@ -130,60 +131,121 @@ releases:
     ));
     assert!(report.valid, "{report:?}");
     assert!(report.shadowed.is_empty());
-    let pairs: Vec<_> = report.overlaps.iter().map(|o| o.releases.clone()).collect();
+    let counts: Vec<_> = report
+        .overlaps
+        .iter()
+        .map(|o| (o.release.as_str(), o.above, o.below))
+        .collect();
     assert_eq!(
-        pairs,
-        [
-            ["android".to_string(), "atlantis".to_string()],
-            ["atlantis".to_string(), "iphone".to_string()]
-        ]
+        counts,
+        [("android", 0, 1), ("atlantis", 1, 1), ("iphone", 1, 0)]
     );
-    assert_eq!(report.overlaps[1].winner, "atlantis");
-    assert_eq!(report.overlaps[1].example["x-device"], "iphone");
+    let iphone = report.overlaps[2].example.as_ref().expect("an example");
+    assert_eq!(iphone.winner, "atlantis");
+    assert_eq!(iphone.example.as_ref().unwrap()["x-device"], "iphone");
 }
 
 #[test]
-fn a_share_never_shadows_alone() {
+fn every_pair_can_be_streamed() {
+    let config = load(
+        r#"
+releases:
+  - { name: a, priority: 1, match: [{ header: x-device, exact: android }] }
+  - { name: b, priority: 2, match: [{ header: x-region, prefix: atl }] }
+  - { name: c, priority: 3, match: [{ header: x-team, regex: "t[0-9]+" }] }
+"#,
+    );
+    let mut pairs = Vec::new();
+    let report = check_with(
+        &config,
+        &Options {
+            examples: 0,
+            ..Options::default()
+        },
+        Some(&mut |o: Overlap| pairs.push((o.releases, o.example.is_some()))),
+    );
+    pairs.sort();
+    let pair = |a: &str, b: &str| ([a.to_string(), b.to_string()], true);
+    assert_eq!(pairs, [pair("a", "b"), pair("a", "c"), pair("b", "c")]);
+    assert!(report.overlaps.iter().all(|o| o.example.is_none()));
+}
+
+#[test]
+fn an_undecided_regex_overlap_shows_no_false_example() {
+    // The issue's case: these DFAs are too large to build, so whether some value matches both
+    // stays open, and a request without the header (matching neither) is no example.
     let report = check(&load(
         r#"
 releases:
-  - { name: ten, priority: 1, match: [{ header: x-device, exact: android }], percent: 10, hashBy: x-user-id }
-  - { name: all-android, priority: 2, match: [{ header: x-device, exact: android }] }
+  - { name: ra, priority: 1, match: [{ header: x, regex: ".*a.{18}" }] }
+  - { name: rb, priority: 2, match: [{ header: x, regex: ".*b.{18}" }] }
 "#,
     ));
-    assert!(report.shadowed.is_empty(), "{report:?}");
-    let overlap = &report.overlaps[0];
-    let user = &overlap.example["x-user-id"];
-    // The example's user really is inside the 10% share, so it goes to the winner.
-    let rules = crate::rules::Ruleset::compile(&load(
+    let rb = report
+        .overlaps
+        .iter()
+        .find(|o| o.release == "rb")
+        .expect("counted as a possible overlap");
+    assert_eq!((rb.above, rb.possible), (1, 1));
+    assert_eq!(rb.example, None);
+}
+
+#[test]
+fn a_work_budget_degrades_to_a_warning() {
+    let config = sample::mixed(300, 7);
+    let report = check_with(
+        &config,
+        &Options {
+            steps: 1_000,
+            ..Options::default()
+        },
+        None,
+    );
+    let incomplete = report
+        .warnings
+        .iter()
+        .find(|w| w.code == "analysis-incomplete")
+        .expect("the budget ran out");
+    assert!(
+        incomplete.message.contains("of 300 releases"),
+        "{incomplete:?}"
+    );
+    // The same configuration within the default budget completes.
+    let full = check(&config);
+    assert!(
+        full.warnings
+            .iter()
+            .all(|w| w.code != "analysis-incomplete")
+    );
+}
+
+#[test]
+fn contradicting_matchers_are_an_error() {
+    let report = check(&load(
         r#"
 releases:
-  - { name: ten, priority: 1, match: [{ header: x-device, exact: android }], percent: 10, hashBy: x-user-id }
+  - { name: never, priority: 1, match: [{ header: x, exact: a }, { header: X, prefix: b }] }
 "#,
-    ))
-    .unwrap();
-    let tags =
-        crate::rules::HeaderPairs::new([("x-device", "android"), ("x-user-id", user.as_str())]);
-    assert_eq!(rules.decide(&tags).map(|r| &*r.name), Some("ten"));
+    ));
+    assert_eq!(codes(&report), ["never-matches"]);
 }
 
 // --- property test: verdicts against brute force over a representative finite universe ---
 
 mod oracle {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use proptest::prelude::*;
 
-    use super::super::check;
+    use super::super::{Options, Overlap, check_with};
     use crate::{
         config::{Config, Matcher, Release},
         rules::{HeaderPairs, Ruleset},
     };
 
-    const HEADERS: [&str; 3] = ["a", "b", "c"];
     /// Every region of the value space the generated matchers can tell apart has a member here
     /// (`None`: the header absent).
-    const UNIVERSE: [Option<&str>; 19] = [
+    const VALUES: [Option<&str>; 19] = [
         None,
         Some(""),
         Some("x"),
@@ -204,13 +266,17 @@ mod oracle {
         Some("yxq"),
         Some("z"),
     ];
+    /// The hash header of the generated shares, and enough users that two 50% shares have
+    /// users in common and users apart (all but surely).
+    const HASH: &str = "u";
+    const USERS: usize = 48;
 
-    fn matcher() -> impl Strategy<Value = Matcher> {
+    fn matcher(headers: &'static [&'static str]) -> impl Strategy<Value = Matcher> {
         let values = ["x", "xy", "y", "yx"];
-        (0..HEADERS.len(), 0..values.len(), 0..3u8).prop_map(move |(h, v, kind)| {
+        (0..headers.len(), 0..values.len(), 0..3u8).prop_map(move |(h, v, kind)| {
             let value = values[v].to_string();
             let mut m = Matcher {
-                header: HEADERS[h].into(),
+                header: headers[h].into(),
                 exact: None,
                 prefix: None,
                 regex: None,
@@ -224,35 +290,63 @@ mod oracle {
         })
     }
 
-    fn releases() -> impl Strategy<Value = Vec<Release>> {
-        prop::collection::vec((1..4u32, prop::collection::vec(matcher(), 1..3)), 1..6).prop_map(
-            |specs| {
-                specs
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (priority, matchers))| Release {
-                        name: format!("r{i}"),
-                        priority,
-                        matchers,
-                        percent: None,
-                        hash_by: None,
-                        targets: Default::default(),
-                    })
-                    .collect()
-            },
+    fn releases(
+        headers: &'static [&'static str],
+        shares: bool,
+    ) -> impl Strategy<Value = Vec<Release>> {
+        let share = if shares { 0..3u8 } else { 0..1u8 };
+        prop::collection::vec(
+            (
+                1..4u32,
+                prop::collection::vec(matcher(headers), 1..3),
+                share,
+            ),
+            1..6,
         )
+        .prop_map(|specs| {
+            specs
+                .into_iter()
+                .enumerate()
+                .map(|(i, (priority, matchers, share))| Release {
+                    name: format!("r{i}"),
+                    priority,
+                    matchers,
+                    percent: [None, Some(50.0), Some(100.0)][share as usize],
+                    hash_by: (share > 0).then(|| HASH.to_string()),
+                    targets: Default::default(),
+                })
+                .collect()
+        })
     }
 
-    fn universe() -> Vec<HeaderPairs> {
+    /// Every combination of `VALUES` over `headers`, times the users (and none) when shares
+    /// are in play.
+    fn universe(headers: &[&str], shares: bool) -> Vec<HeaderPairs> {
         let mut requests = vec![Vec::new()];
-        for header in HEADERS {
+        let users: Vec<Option<String>> = if shares {
+            std::iter::once(None)
+                .chain((0..USERS).map(|u| Some(format!("user-{u}"))))
+                .collect()
+        } else {
+            vec![None]
+        };
+        let dimensions = headers
+            .iter()
+            .map(|h| {
+                let values = VALUES.iter().map(|v| v.map(str::to_string)).collect();
+                (h.to_string(), values)
+            })
+            .chain([(HASH.to_string(), users)]);
+        for (header, values) in dimensions {
+            let values: Vec<Option<String>> = values;
+            let header = &header;
             requests = requests
                 .into_iter()
                 .flat_map(|request: Vec<(String, String)>| {
-                    UNIVERSE.iter().map(move |value| {
+                    values.iter().map(move |value| {
                         let mut request = request.clone();
                         if let Some(value) = value {
-                            request.push((header.to_string(), value.to_string()));
+                            request.push((header.clone(), value.clone()));
                         }
                         request
                     })
@@ -262,65 +356,142 @@ mod oracle {
         requests.into_iter().map(HeaderPairs::new).collect()
     }
 
+    /// The report of the checker, its streamed pairs, against what every request of the
+    /// universe does.
+    fn agrees(releases: Vec<Release>, universe: &[HeaderPairs]) -> Result<(), TestCaseError> {
+        let config = Config {
+            releases,
+            ..Config::default()
+        };
+        let mut streamed: Vec<Overlap> = Vec::new();
+        let report = check_with(
+            &config,
+            &Options::default(),
+            Some(&mut |o: Overlap| streamed.push(o)),
+        );
+        let rules = Ruleset::compile(&config).unwrap();
+        let ranked: Vec<&str> = rules.releases().iter().map(|r| &*r.name).collect();
+        let rank = |name: &str| ranked.iter().position(|n| *n == name).unwrap();
+        let priority = |r: usize| rules.releases()[r].priority;
+        // matching[request] = ranks of the releases it matches, best first.
+        let matching: Vec<Vec<usize>> = universe
+            .iter()
+            .map(|tags| {
+                rules
+                    .all_matching(tags)
+                    .iter()
+                    .map(|r| rank(&r.name))
+                    .collect()
+            })
+            .collect();
+        let holds = |example: &BTreeMap<String, String>, names: &[&str]| {
+            let tags = HeaderPairs::new(example.clone());
+            let matched: Vec<String> = rules
+                .all_matching(&tags)
+                .iter()
+                .map(|r| r.name.to_string())
+                .collect();
+            names.iter().all(|n| matched.iter().any(|m| m == n))
+        };
+
+        let mut want_pairs = BTreeSet::new();
+        for ranks in &matching {
+            for (i, &a) in ranks.iter().enumerate() {
+                for &b in &ranks[i + 1..] {
+                    want_pairs.insert((a, b));
+                }
+            }
+        }
+        let mut got_pairs = BTreeSet::new();
+        for overlap in &streamed {
+            prop_assert!(!overlap.approximate, "{:?}", overlap);
+            let [a, b] = &overlap.releases;
+            got_pairs.insert((rank(a), rank(b)));
+            prop_assert_eq!(&overlap.winner, a);
+            prop_assert!(rank(a) < rank(b) && priority(rank(a)) < priority(rank(b)));
+            if let Some(example) = &overlap.example {
+                prop_assert!(holds(example, &[a.as_str(), b.as_str()]), "{:?}", overlap);
+            }
+        }
+        for error in report
+            .errors
+            .iter()
+            .filter(|e| e.code == "ambiguous-priority")
+        {
+            let (a, b) = (rank(&error.releases[0]), rank(&error.releases[1]));
+            prop_assert_eq!(priority(a), priority(b));
+            got_pairs.insert((a, b));
+        }
+        prop_assert!(
+            report.warnings.iter().all(|w| w.code == "no-targets"),
+            "everything generated is decidable: {:?}",
+            report.warnings
+        );
+        prop_assert_eq!(&got_pairs, &want_pairs);
+
+        // Counts per release: pairs of distinct priorities, from either side.
+        let mut want_counts: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+        for &(a, b) in want_pairs
+            .iter()
+            .filter(|(a, b)| priority(*a) != priority(*b))
+        {
+            want_counts.entry(ranked[b]).or_default().0 += 1;
+            want_counts.entry(ranked[a]).or_default().1 += 1;
+        }
+        let got_counts: BTreeMap<&str, (usize, usize)> = report
+            .overlaps
+            .iter()
+            .map(|o| (o.release.as_str(), (o.above, o.below)))
+            .collect();
+        prop_assert_eq!(got_counts, want_counts);
+        for summary in &report.overlaps {
+            if let Some(overlap) = &summary.example {
+                let [a, b] = &overlap.releases;
+                let example = overlap.example.as_ref().expect("only examples are kept");
+                prop_assert!(holds(example, &[a.as_str(), b.as_str()]));
+            }
+        }
+
+        let want_shadowed: Vec<usize> = (0..ranked.len())
+            .filter(|&r| {
+                let mine: Vec<&Vec<usize>> = matching.iter().filter(|m| m.contains(&r)).collect();
+                !mine.is_empty() && mine.iter().all(|m| m[0] < r)
+            })
+            .collect();
+        let mut got_shadowed: Vec<usize> =
+            report.shadowed.iter().map(|s| rank(&s.release)).collect();
+        got_shadowed.sort();
+        prop_assert_eq!(got_shadowed, want_shadowed);
+        for shadow in &report.shadowed {
+            prop_assert!(!shadow.approximate);
+            if let Some(example) = &shadow.example {
+                let tags = HeaderPairs::new(example.clone());
+                let winner = rules.decide(&tags).map(|r| r.name.to_string()).unwrap();
+                prop_assert!(
+                    shadow.by.contains(&winner),
+                    "{:?} wins {:?}",
+                    winner,
+                    shadow
+                );
+                prop_assert!(holds(example, &[shadow.release.as_str()]));
+            }
+        }
+        Ok(())
+    }
+
+    const THREE: &[&str] = &["a", "b", "c"];
+    const TWO: &[&str] = &["a", "b"];
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
         #[test]
-        fn verdicts_agree_with_brute_force(releases in releases()) {
-            let config = Config { releases, ..Config::default() };
-            let report = check(&config);
-            let rules = Ruleset::compile(&config).unwrap();
-            let ranked: Vec<&str> = rules.releases().iter().map(|r| &*r.name).collect();
-            let rank = |name: &str| ranked.iter().position(|n| *n == name).unwrap();
-            // matching[request] = ranks of the releases it matches.
-            let matching: Vec<Vec<usize>> = universe()
-                .iter()
-                .map(|tags| rules.all_matching(tags).iter().map(|r| rank(&r.name)).collect())
-                .collect();
+        fn verdicts_agree_with_brute_force(releases in releases(THREE, false)) {
+            agrees(releases, &universe(THREE, false))?;
+        }
 
-            let mut want_pairs = std::collections::BTreeSet::new();
-            for ranks in &matching {
-                for (i, &a) in ranks.iter().enumerate() {
-                    for &b in &ranks[i + 1..] {
-                        want_pairs.insert((ranked[a].to_string(), ranked[b].to_string()));
-                    }
-                }
-            }
-            let mut got_pairs = std::collections::BTreeSet::new();
-            for overlap in &report.overlaps {
-                prop_assert!(!overlap.approximate);
-                got_pairs.insert((overlap.releases[0].clone(), overlap.releases[1].clone()));
-                let tags = HeaderPairs::new(overlap.example.clone());
-                let names: Vec<&str> = rules.all_matching(&tags).iter().map(|r| &*r.name).collect();
-                prop_assert!(names.contains(&overlap.releases[0].as_str()));
-                prop_assert!(names.contains(&overlap.releases[1].as_str()));
-                // The winner of the pair is the higher-ranked one; a third release may still
-                // outrank both for this example.
-                prop_assert_eq!(&overlap.winner, &overlap.releases[0]);
-                prop_assert!(rank(&overlap.releases[0]) < rank(&overlap.releases[1]));
-                let decided = rules.decide(&tags).map(|r| rank(&r.name)).unwrap();
-                prop_assert!(decided <= rank(&overlap.winner));
-            }
-            for error in report.errors.iter().filter(|e| e.code == "ambiguous-priority") {
-                got_pairs.insert((error.releases[0].clone(), error.releases[1].clone()));
-            }
-            prop_assert_eq!(got_pairs, want_pairs);
-
-            let want_shadowed: Vec<String> = (0..ranked.len())
-                .filter(|&r| {
-                    let mine: Vec<&Vec<usize>> = matching.iter().filter(|m| m.contains(&r)).collect();
-                    !mine.is_empty() && mine.iter().all(|m| m[0] < r)
-                })
-                .map(|r| ranked[r].to_string())
-                .collect();
-            let mut got_shadowed: Vec<String> = report.shadowed.iter().map(|s| s.release.clone()).collect();
-            got_shadowed.sort_by_key(|name| rank(name));
-            prop_assert_eq!(got_shadowed, want_shadowed);
-            for shadow in &report.shadowed {
-                let tags = HeaderPairs::new(shadow.example.clone());
-                let winner = rules.decide(&tags).map(|r| r.name.to_string()).unwrap();
-                prop_assert!(shadow.by.contains(&winner), "{:?} wins {:?}", winner, shadow);
-                let _: &BTreeMap<String, String> = &shadow.example;
-            }
+        #[test]
+        fn verdicts_with_shares_agree_with_brute_force(releases in releases(TWO, true)) {
+            agrees(releases, &universe(TWO, true))?;
         }
     }
 }

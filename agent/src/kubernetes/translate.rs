@@ -16,7 +16,8 @@ use k8s_openapi::api::{core::v1::Service as KubeService, discovery::v1::Endpoint
 use super::crd::CanaryRelease;
 use crate::{
     check,
-    config::{Config, MatchKind, Release, Service, Version, timeout_format},
+    config::{Config, Release, Service, Version, timeout_format},
+    rules::Test,
 };
 
 /// Marks a Service as part of the mesh and names its primary version.
@@ -369,14 +370,18 @@ pub fn resolve(mut config: Config, age: &HashMap<String, usize>) -> Result<Trans
         if dropped.is_empty() {
             for shadowed in &report.shadowed {
                 let message = format!(
-                    "every request it matches goes to higher-priority {}, e.g. {{{}}}{}",
+                    "every request it matches goes to higher-priority {}{}{}",
                     shadowed
                         .by
                         .iter()
                         .map(|r| format!("`{r}`"))
                         .collect::<Vec<_>>()
                         .join(", "),
-                    check::render_example(&shadowed.example),
+                    shadowed
+                        .example
+                        .as_ref()
+                        .map(|e| format!(", e.g. {{{}}}", check::render_example(e)))
+                        .unwrap_or_default(),
                     if shadowed.approximate {
                         " (approximate: a regex was too complex to analyse exactly)"
                     } else {
@@ -448,10 +453,8 @@ pub fn match_summary(release: &CanaryRelease) -> String {
         .spec
         .matchers
         .iter()
-        .map(|m| match m.kind() {
-            Ok(MatchKind::Exact(v)) => format!("{}={v}", m.header),
-            Ok(MatchKind::Prefix(v)) => format!("{}^={v}", m.header),
-            Ok(MatchKind::Regex(v)) => format!("{}~{v}", m.header),
+        .map(|m| match Test::parse(m) {
+            Ok(test) => format!("{}{test}", m.header),
             Err(_) => format!("{}?", m.header),
         })
         .collect::<Vec<_>>()
