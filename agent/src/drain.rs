@@ -37,6 +37,11 @@ pub fn channel() -> (DrainTrigger, Drain) {
 }
 
 impl Drain {
+    /// Whether draining has started.
+    pub fn is_draining(&self) -> bool {
+        *self.signal.borrow()
+    }
+
     /// Resolves once draining has started.
     pub async fn signaled(&mut self) {
         // An error means the trigger is gone: treat that as a drain too.

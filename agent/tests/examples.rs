@@ -90,12 +90,16 @@ fn check_json_has_the_contract_shape() {
     for key in ["errors", "warnings", "shadowed", "overlaps"] {
         assert!(json[key].is_array(), "{key} missing: {json}");
     }
+    // Overlaps are counted per release (how many above and below it), with an example.
     let overlaps = json["overlaps"].as_array().unwrap();
     assert_eq!(overlaps.len(), 3, "{json}");
-    let red_blue = overlaps
+    let blue = overlaps
         .iter()
-        .find(|o| o["releases"] == json!(["red", "blue"]))
-        .expect("red and blue overlap");
+        .find(|o| o["release"] == "blue")
+        .expect("blue overlaps");
+    assert_eq!((&blue["above"], &blue["below"]), (&json!(1), &json!(1)));
+    let red_blue = &blue["example"];
+    assert_eq!(red_blue["releases"], json!(["red", "blue"]));
     assert_eq!(red_blue["winner"], "red");
     assert_eq!(red_blue["example"]["x-device"], "android");
     assert_eq!(red_blue["example"]["x-region"], "atlantis");
@@ -118,7 +122,7 @@ fn seed_5_4_shadow_is_an_error_naming_the_shadowing_release() {
 fn seed_3_equal_priority_overlap_is_rejected() {
     let (code, json) = check_json("order-email.yaml");
     assert_eq!(code, 0, "{json}");
-    assert_eq!(json["overlaps"][0]["winner"], "android-order");
+    assert_eq!(json["overlaps"][1]["example"]["winner"], "android-order");
     let (code, json) = check_json("order-email-ambiguous.yaml");
     assert_eq!(code, 1);
     assert_eq!(codes(&json), ["ambiguous-priority"]);

@@ -849,3 +849,96 @@ fn requests_of_any_method_are_routed_by_their_tags() {
         assert!(out.contains("x-steer-version: v2-blue"), "{method}: {out}");
     }
 }
+
+/// Reads one HTTP/1.1 response with a content-length from a kept-open connection: its head
+/// (lower-cased) and body.
+fn read_response(stream: &mut TcpStream) -> (String, String) {
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole response: {:?}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let head = head.to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if body.len() >= length {
+                return (head, body.to_string());
+            }
+        }
+    }
+}
+
+#[test]
+fn sigterm_lets_keep_alive_clients_finish_and_keeps_tunnels_for_the_grace_period() {
+    let mut scenario = food_delivery();
+    let request = b"GET / HTTP/1.1\r\nhost: delivery\r\n\r\n";
+    let mut keep_alive = TcpStream::connect(scenario.gateway).unwrap();
+    keep_alive
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    keep_alive.write_all(request).unwrap();
+    let (head, _) = read_response(&mut keep_alive);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let mut tunnel = TcpStream::connect(scenario.gateway).unwrap();
+    tunnel
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    tunnel
+        .write_all(b"GET / HTTP/1.1\r\nhost: order\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+        .unwrap();
+    let mut head = [0u8; 512];
+    let n = tunnel.read(&mut head).unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 101"));
+
+    let agent = scenario.agent.as_mut().unwrap();
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(200));
+    // The idle keep-alive connection is still answered, and told to reconnect.
+    keep_alive.write_all(request).unwrap();
+    let (head, _) = read_response(&mut keep_alive);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(closed_within(&mut keep_alive, Duration::from_secs(2)));
+    // The tunnel outlives the HTTP connections, within the grace period (5 s here).
+    std::thread::sleep(Duration::from_millis(1500));
+    tunnel.write_all(b"still there").unwrap();
+    let mut echo = [0u8; 64];
+    let n = tunnel.read(&mut echo).unwrap();
+    assert_eq!(&echo[..n], b"still there");
+    drop(tunnel);
+    let mut exited = None;
+    for _ in 0..250 {
+        exited = agent.try_wait().unwrap();
+        if exited.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "exits once the tunnel closed: {exited:?}"
+    );
+}
+
+#[test]
+fn a_chunked_body_on_a_get_reaches_the_upstream() {
+    let scenario = food_delivery();
+    let answer = exchange(
+        scenario.gateway,
+        b"GET /echo HTTP/1.1\r\nhost: delivery\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("hello") && answer.contains(" world"),
+        "{answer}"
+    );
+}

@@ -4,8 +4,8 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Instant};
 
-use http::{Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
+use http::{HeaderValue, Request, Response, StatusCode, Version};
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
@@ -20,16 +20,18 @@ use super::{
     stamp,
     worker::{RouteEntry, Worker},
 };
-use crate::state::Endpoint;
+use crate::{drain::Drain, state::Endpoint};
 
 /// Serves one request of a client connection.
 pub async fn handle(
     worker: &Worker,
     listener: Listener,
     connected: Option<&Arc<str>>,
+    drain: &Drain,
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
+    let http1 = request.version() != Version::HTTP_2;
     let snapshot = worker.snapshot();
     let metrics = &worker.shared.metrics;
     let route = match route(&snapshot, listener, connected, &request) {
@@ -45,10 +47,16 @@ pub async fn handle(
         "request"
     );
     let entry = worker.route_entry(&snapshot, &route);
-    let mut response = match forward(worker, &route, &entry, request).await {
+    let mut response = match forward(worker, &route, &entry, drain, request).await {
         Ok(response) => response,
         Err(err) => fail_to_proxy(&err, metrics),
     };
+    if http1 && drain.is_draining() {
+        // The client reconnects for its next request, to a proxy that stays.
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     worker.observe(&entry, response.status(), started.elapsed());
     // Internal names are for the mesh's own callers; outsiders see them only when asked for.
     if snapshot.config.debug_headers && (!route.from_outside || worker.shared.outside_debug_headers)
@@ -66,6 +74,7 @@ async fn forward(
     worker: &Worker,
     route: &Route<'_>,
     entry: &RouteEntry,
+    drain: &Drain,
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let http2 = request.version() == Version::HTTP_2;
@@ -94,7 +103,19 @@ async fn forward(
     if let Some(client_upgrade) = client_upgrade {
         let (endpoint, sender) = connect(route, upgradable).await?;
         let _in_flight = endpoint.start();
-        return pass_upgrade(timeout, endpoint.address, sender, request, client_upgrade).await;
+        let tunnel = Tunnel {
+            client: client_upgrade,
+            drain: drain.clone(),
+        };
+        return pass_upgrade(timeout, endpoint.address, sender, request, tunnel).await;
+    }
+    // A body of unknown length (it came chunked; Transfer-Encoding was removed as hop-by-hop)
+    // is sent chunked. Said explicitly: for GET and HEAD hyper would otherwise drop it.
+    if !request.body().is_end_stream() && request.body().size_hint().exact().is_none() {
+        request.headers_mut().insert(
+            http::header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
     }
     let pool = &worker.pool;
     let (endpoint, mut conn) = connect(route, |e| pool.http1(e)).await?;
@@ -214,18 +235,26 @@ async fn upgradable(
     Ok(sender)
 }
 
+/// The client's side of an upgrade, and its hold on the drain: a tunnel gets the grace period
+/// like a request in flight.
+struct Tunnel {
+    client: hyper::upgrade::OnUpgrade,
+    drain: Drain,
+}
+
 async fn pass_upgrade(
     timeout: std::time::Duration,
     endpoint: SocketAddr,
     mut sender: hyper::client::conn::http1::SendRequest<Incoming>,
     request: Request<Incoming>,
-    client_upgrade: hyper::upgrade::OnUpgrade,
+    tunnel: Tunnel,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let mut response = within(timeout, endpoint, sender.send_request(request)).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         tokio::task::spawn_local(async move {
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+            let _holds = tunnel.drain;
+            match tokio::try_join!(tunnel.client, upstream_upgrade) {
                 Ok((client, upstream)) => {
                     let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;

@@ -323,8 +323,9 @@ fn refuse(
         // Its record would otherwise wait for a client port to be reused.
         originals.take(peer);
     }
-    drop(stream);
+    // Counted before the close, so whoever sees the close sees the count.
     shared.metrics.connection_refused();
+    drop(stream);
     if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
         warn!(
             limit = shared.limits.max_connections,
@@ -425,10 +426,15 @@ async fn connection(
     }
     let service = {
         let worker = worker.clone();
+        let drain = drain.clone();
         service_fn(move |request| {
             let worker = worker.clone();
             let connected = connected.clone();
-            async move { Ok::<_, Infallible>(handle(&worker, kind, connected.as_ref(), request).await) }
+            let drain = drain.clone();
+            async move {
+                let response = handle(&worker, kind, connected.as_ref(), &drain, request).await;
+                Ok::<_, Infallible>(response)
+            }
         })
     };
     let io = TokioIo::new(stream);
@@ -436,7 +442,16 @@ async fn connection(
         let connection = http2::Builder::new(LocalExec)
             .max_header_list_size(MAX_HEADER_BYTES as u32)
             .serve_connection(io, service);
-        until_drained(connection, |c| c.graceful_shutdown(), &mut drain, peer).await;
+        // GOAWAY at once: HTTP/2 clients move on by themselves, streams in flight finish.
+        let goodbye = Duration::ZERO;
+        until_drained(
+            connection,
+            |c| c.graceful_shutdown(),
+            goodbye,
+            &mut drain,
+            peer,
+        )
+        .await;
     } else {
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -446,15 +461,30 @@ async fn connection(
             .keep_alive(true)
             .serve_connection(io, service)
             .with_upgrades();
-        until_drained(connection, |c| c.graceful_shutdown(), &mut drain, peer).await;
+        until_drained(
+            connection,
+            |c| c.graceful_shutdown(),
+            DRAIN_PERIOD,
+            &mut drain,
+            peer,
+        )
+        .await;
     }
 }
 
-/// Serves a connection; once the drain starts, it finishes the request in flight and closes
-/// (HTTP/2: GOAWAY).
+/// How long an HTTP/1 connection is still served once the drain starts. HTTP/1 has no way to
+/// tell an idle client to go: closing its connection at once fails the request it may be
+/// sending right then. Meanwhile every response says `Connection: close`, so active clients
+/// reconnect (to the cluster's service path: the datapath is detached); what is still idle at
+/// the end is closed.
+const DRAIN_PERIOD: Duration = Duration::from_secs(1);
+
+/// Serves a connection; once the drain starts, it keeps serving for `goodbye`, then finishes
+/// the request in flight and closes (HTTP/2: GOAWAY).
 async fn until_drained<C>(
     connection: C,
     shutdown: impl FnOnce(Pin<&mut C>),
+    goodbye: Duration,
     drain: &mut Drain,
     peer: SocketAddr,
 ) where
@@ -464,8 +494,13 @@ async fn until_drained<C>(
     let result = tokio::select! {
         result = connection.as_mut() => result,
         _ = drain.signaled() => {
-            shutdown(connection.as_mut());
-            connection.await
+            match tokio::time::timeout(goodbye, connection.as_mut()).await {
+                Ok(result) => result,
+                Err(_) => {
+                    shutdown(connection.as_mut());
+                    connection.await
+                }
+            }
         }
     };
     if let Err(err) = result {
