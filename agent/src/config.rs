@@ -233,9 +233,30 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Parses YAML text; `origin` names the source in error messages.
+    /// Parses YAML text; `origin` names the source in error messages. Input past the bounds
+    /// below is refused before it is parsed (or used): parse time grows with nesting, and a
+    /// name travels in every stamped request.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Config, LoadError> {
-        serde_yaml_ng::from_str(text).map_err(|err| {
+        let refuse = |reason: String| LoadError {
+            path: origin.to_string(),
+            line: None,
+            column: None,
+            reason,
+        };
+        if text.len() > MAX_CONFIG_BYTES {
+            return Err(refuse(format!(
+                "{} bytes; a configuration may have at most {MAX_CONFIG_BYTES}",
+                text.len()
+            )));
+        }
+        if let Some((line, column)) = nested_deeper_than(text, MAX_NESTING) {
+            return Err(LoadError {
+                line: Some(line),
+                column: Some(column),
+                ..refuse(format!("nested deeper than {MAX_NESTING} levels"))
+            });
+        }
+        let config: Config = serde_yaml_ng::from_str(text).map_err(|err| {
             let location = err.location();
             LoadError {
                 path: origin.to_string(),
@@ -243,7 +264,46 @@ impl Config {
                 column: location.as_ref().map(|l| l.column()),
                 reason: strip_location(&err.to_string()),
             }
-        })
+        })?;
+        config.refuse_long_names().map_err(refuse)?;
+        Ok(config)
+    }
+
+    /// Names are DNS-like and header names short: refuses the first that is not.
+    fn refuse_long_names(&self) -> Result<(), String> {
+        let too_long = |what: String, name: &str| {
+            (name.len() > MAX_NAME_BYTES)
+                .then(|| format!("{what}: {} bytes; at most {MAX_NAME_BYTES}", name.len()))
+        };
+        let mut problems = self
+            .services
+            .iter()
+            .flat_map(|service| {
+                let versions = service.versions.iter().filter_map(|version| {
+                    too_long(
+                        format!("service `{}` version name", service.name),
+                        &version.name,
+                    )
+                });
+                too_long("service name".to_string(), &service.name)
+                    .into_iter()
+                    .chain(versions)
+            })
+            .chain(self.releases.iter().flat_map(|release| {
+                let headers = release.matchers.iter().filter_map(|m| {
+                    too_long(
+                        format!("release `{}` matcher header", release.name),
+                        &m.header,
+                    )
+                });
+                too_long("release name".to_string(), &release.name)
+                    .into_iter()
+                    .chain(headers)
+            }));
+        match problems.next() {
+            Some(problem) => Err(problem),
+            None => Ok(()),
+        }
     }
 
     /// Reads and parses a YAML configuration file.
@@ -261,6 +321,45 @@ impl Config {
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.iter().find(|s| s.name == name)
     }
+}
+
+/// The largest configuration file (or text) accepted.
+pub const MAX_CONFIG_BYTES: usize = 8 << 20;
+/// The deepest nesting of YAML collections accepted (a configuration needs about six).
+pub const MAX_NESTING: usize = 64;
+/// The longest service, version, release or header name accepted (a DNS name is at most 253).
+pub const MAX_NAME_BYTES: usize = 253;
+
+/// Where (line, column) flow collections (`[`, `{`) or block indentation first nest deeper
+/// than `limit`, if they do. Counts brackets outside quoted scalars and comments, and block
+/// levels by indentation; conservative rather than a parser.
+fn nested_deeper_than(text: &str, limit: usize) -> Option<(usize, usize)> {
+    let mut depth = 0usize;
+    for (number, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches([' ', '-']).len();
+        // Block collections nest by at least one column per level.
+        if indent > limit * 2 {
+            return Some((number + 1, indent + 1));
+        }
+        let mut quote: Option<char> = None;
+        for (column, c) in line.chars().enumerate() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > limit {
+                        return Some((number + 1, column + 1));
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    None
 }
 
 /// serde_yaml appends " at line L column C" to its messages; we print the location ourselves.
@@ -327,6 +426,41 @@ releases:
         assert!(err.column.is_some());
         assert!(err.to_string().starts_with("f.yaml:4:"), "{err}");
         assert!(err.reason.contains("prio"), "{err}");
+    }
+
+    #[test]
+    fn oversized_deeply_nested_or_long_named_input_is_refused_before_use() {
+        let deep = format!("releases: {}{}\n", "[".repeat(50_000), "]".repeat(50_000));
+        let started = std::time::Instant::now();
+        let err = Config::from_yaml(&deep, "deep.yaml").unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!(
+            err.to_string(),
+            "deep.yaml:1:75: nested deeper than 64 levels"
+        );
+
+        let huge = "#".repeat(MAX_CONFIG_BYTES + 1);
+        let err = Config::from_yaml(&huge, "huge.yaml").unwrap_err();
+        assert!(
+            err.to_string().contains("a configuration may have at most"),
+            "{err}"
+        );
+
+        let long = "x".repeat(MAX_NAME_BYTES + 1);
+        let yaml = format!(
+            "services:\n  - name: a\n    versions: [{{name: v1, primary: true}}]\n\
+             releases:\n  - {{name: {long}, priority: 1, match: [{{header: x, exact: y}}], \
+             targets: {{a: v1}}}}\n"
+        );
+        let err = Config::from_yaml(&yaml, "long.yaml").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("release name: 254 bytes; at most 253"),
+            "{err}"
+        );
+        // The seed's examples are far inside every bound.
+        let example = include_str!("../../deploy/examples/food-delivery.yaml");
+        assert!(Config::from_yaml(example, "food-delivery.yaml").is_ok());
     }
 
     #[test]

@@ -942,3 +942,26 @@ fn a_chunked_body_on_a_get_reaches_the_upstream() {
         "{answer}"
     );
 }
+
+#[test]
+fn a_hostile_configuration_file_is_refused_without_stalling_traffic() {
+    let scenario = food_delivery();
+    let deep = format!("releases: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    std::fs::write(&scenario.config_path, deep).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let started = Instant::now();
+        let hop = scenario.request("order", &[]).unwrap();
+        assert_eq!(hop.path(), "order/v1 -> restaurant/v1 -> delivery/v1");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        let metrics = http::get(scenario.admin, "/metrics", &[]).unwrap().body;
+        if metrics.contains("steer_config_reloads_total{result=\"rejected\"} 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never rejected");
+    }
+}
