@@ -25,6 +25,8 @@ pub struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the `run` variant costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the node agent: the eBPF datapath, the proxy, the admin server.
@@ -88,6 +90,11 @@ enum Command {
         /// Off by default: they name internal services, versions and releases.
         #[arg(long)]
         gateway_debug_headers: bool,
+        /// The file of keys stamps are signed with, one per line: the first signs, all verify
+        /// (rotation). Default: `steer-stamp.key` next to --config (made when absent), or
+        /// /etc/steer/stamp-key/keys (the DaemonSet's Secret) with --kubernetes.
+        #[arg(long)]
+        stamp_key: Option<PathBuf>,
     },
     /// Print the CanaryRelease CustomResourceDefinition (what deploy/crd.yaml holds).
     Crd,
@@ -155,6 +162,7 @@ impl Cli {
                 max_connections,
                 idle_timeout,
                 gateway_debug_headers,
+                stamp_key,
             } => run_agent(crate::run::RunOptions {
                 source: match config {
                     Some(path) if !kubernetes => Source::File(path),
@@ -176,6 +184,7 @@ impl Cli {
                 max_connections: max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
                 idle_timeout: std::time::Duration::from_secs(idle_timeout),
                 gateway_debug_headers,
+                stamp_key,
             }),
             Command::Crd => {
                 print!("{}", crate::kubernetes::crd::crd_yaml());

@@ -24,7 +24,10 @@ use crate::{
     drain,
     kubernetes::{self, KubernetesOptions},
     metrics::Metrics,
-    proxy::{Limits, OriginalDestination, Shared, WorkerListeners, Workers, bind_listener},
+    proxy::{
+        Limits, OriginalDestination, Shared, WorkerListeners, Workers, bind_listener,
+        stamp::StampKeys,
+    },
     state::Snapshot,
 };
 
@@ -58,6 +61,36 @@ pub struct RunOptions {
     pub idle_timeout: Duration,
     /// Debug response headers at the gateway too.
     pub gateway_debug_headers: bool,
+    /// The stamp key file; `None`: next to the configuration file (made when absent), or the
+    /// DaemonSet's Secret with `--kubernetes`.
+    pub stamp_key: Option<PathBuf>,
+}
+
+/// Where the DaemonSet mounts the `steer-stamp-key` Secret.
+pub const KUBERNETES_STAMP_KEY: &str = "/etc/steer/stamp-key/keys";
+
+/// The keys stamps are signed with. A file source may make its key (one machine); in a
+/// cluster every node must share one, so a missing Secret is an error.
+fn stamp_keys(options: &RunOptions) -> Result<StampKeys> {
+    match (&options.source, &options.stamp_key) {
+        (Source::File(_), Some(path)) => StampKeys::load_or_create(path),
+        (Source::File(config), None) => {
+            let dir = config.parent().unwrap_or(Path::new("."));
+            StampKeys::load_or_create(&dir.join("steer-stamp.key"))
+        }
+        (Source::Kubernetes(_), path) => {
+            let path = path.as_deref().unwrap_or(Path::new(KUBERNETES_STAMP_KEY));
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "cannot read the stamp key {} (every node needs the same one: kubectl -n \
+                     steer-system create secret generic steer-stamp-key \
+                     --from-literal=keys=\"$(head -c 32 /dev/urandom | base64)\")",
+                    path.display()
+                )
+            })?;
+            StampKeys::from_text(&text).with_context(|| format!("stamp key {}", path.display()))
+        }
+    }
 }
 
 /// Where redirected pod connections arrive: an address of the node per IP family the pods
@@ -353,6 +386,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             idle_timeout: options.idle_timeout,
         },
         outside_debug_headers: options.gateway_debug_headers,
+        stamp_keys: stamp_keys(&options)?,
         open_connections: AtomicUsize::new(0),
     });
     Workers::start(shared, listeners, drain.clone())?;

@@ -169,6 +169,8 @@ impl Scenario {
             kubeconfig,
             _runtime: runtime,
         };
+        // The Secret every node of a cluster mounts; a file agent makes its own.
+        std::fs::write(dir.join("stamp.key"), "the test cluster's stamp key\n")?;
         let mut scenario = Scenario {
             agent: None,
             workload: Vec::new(),
@@ -266,6 +268,9 @@ impl Scenario {
             .args(["--admin", &self.admin.to_string()])
             .args(["--cgroup", &self.node.cgroup.display().to_string()])
             .args(["--drain-grace", "5"])
+            // The bed's own key (a --kubernetes agent needs one given).
+            .arg("--stamp-key")
+            .arg(self.config_path.with_file_name("stamp.key"))
             .args(&self.agent_args)
             // Quiet unless asked: warnings and errors (a rejected edit) still show.
             .env(

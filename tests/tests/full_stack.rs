@@ -98,29 +98,47 @@ fn a_forged_stamp_from_outside_has_no_effect() {
 }
 
 #[test]
-fn later_hops_route_by_the_stamp_without_the_tags() {
+fn later_hops_route_by_the_stamp_without_the_tags_and_only_a_minted_one() {
     let scenario = food_delivery();
-    // A pod calls restaurant directly (through the redirect) with a stamp and no tags: the
-    // stamp is honoured inside the mesh, on this hop and the next.
+    // A pod calls restaurant directly (through the redirect) with a stamp and no tags: a stamp
+    // steer minted (signed with the bed's key) is honoured, on this hop and the next.
+    let keys = std::fs::read_to_string(scenario.config_path.with_file_name("stamp.key")).unwrap();
+    let keys = steer::proxy::stamp::StampKeys::from_text(&keys).unwrap();
+    let minted = format!("x-steer-release: blue;sig={}", keys.sign("blue"));
     let order_pod = scenario.node.pod("order-v1");
     let restaurant = scenario.config.service("restaurant").unwrap().addresses[0];
-    let output = order_pod
-        .exec(std::process::Command::new("curl").args([
-            "-s",
-            "-H",
-            "x-steer-release: blue",
-            &format!("http://{restaurant}/"),
-        ]))
-        .unwrap();
-    let hop: Hop = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    let call = |stamp: &str| {
+        let output = order_pod
+            .exec(std::process::Command::new("curl").args([
+                "-s",
+                "-H",
+                stamp,
+                &format!("http://{restaurant}/"),
+            ]))
+            .unwrap();
+        let hop: Hop = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+        path_and_release(&hop)
+    };
     assert_eq!(
-        path_and_release(&hop),
+        call(&minted),
         (
             "restaurant/v2-blue -> delivery/v2-blue".to_string(),
             Some("blue".to_string())
         )
     );
+    // A pod cannot pick a release by writing its name: an unsigned or forged stamp is no
+    // stamp, and without tags the request goes to primaries.
+    for forged in [
+        "x-steer-release: blue",
+        "x-steer-release: blue;sig=AAAAAAAAAAAAAAAAAAAAAA",
+    ] {
+        assert_eq!(
+            call(forged),
+            ("restaurant/v1 -> delivery/v1".to_string(), None),
+            "{forged}"
+        );
+    }
 }
 
 #[test]

@@ -34,7 +34,13 @@ pub async fn handle(
     let http1 = request.version() != Version::HTTP_2;
     let snapshot = worker.snapshot();
     let metrics = &worker.shared.metrics;
-    let route = match route(&snapshot, listener, connected, &request) {
+    let route = match route(
+        &snapshot,
+        listener,
+        connected,
+        &worker.shared.stamp_keys,
+        &request,
+    ) {
         Ok(route) => route,
         Err(err) => return fail_to_proxy(&err, metrics),
     };
@@ -82,7 +88,7 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     // Hop-by-hop first: a client's `Connection` header must not be able to remove our stamp.
     remove_hop_by_hop(request.headers_mut(), upgrade);
-    if route.from_outside {
+    if route.strip_stamp {
         stamp::strip(request.headers_mut());
     }
     if route.stamp.is_some()

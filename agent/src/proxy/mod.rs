@@ -71,6 +71,8 @@ pub struct Shared {
     /// Debug response headers for clients outside the mesh too (they name internal services,
     /// versions and releases).
     pub outside_debug_headers: bool,
+    /// What stamps are signed and verified with.
+    pub stamp_keys: stamp::StampKeys,
     /// Client connections open on all workers.
     pub open_connections: AtomicUsize,
 }

@@ -5,7 +5,9 @@
 //! - at the gateway any incoming stamp is stripped and the rules decide; so on the redirect
 //!   listener for a connection the datapath did not redirect (anything that can reach the node
 //!   address could connect there, and only a pod's redirected call is inside the mesh);
-//! - inside the mesh a stamp naming a release in force is the decision (decide once);
+//! - inside the mesh a stamp steer signed, naming a release in force, is the decision (decide
+//!   once); one that does not verify (forged, or signed with a key this node does not know) is
+//!   removed and the rules decide from the tags;
 //! - a stamp naming a release this snapshot does not have (one just retired) means primary, and
 //!   the stamp stays: deciding again could move the request into another release halfway along
 //!   its chain;
@@ -15,7 +17,11 @@ use std::sync::Arc;
 
 use http::{HeaderMap, Request};
 
-use super::{Listener, error::ProxyError, stamp};
+use super::{
+    Listener,
+    error::ProxyError,
+    stamp::{self, StampKeys},
+};
 use crate::{
     rules::CompiledRelease,
     state::{ServiceRoutes, Snapshot, VersionRoutes},
@@ -31,8 +37,10 @@ pub struct Route<'s> {
     pub version: &'s VersionRoutes,
     pub release: Option<&'s CompiledRelease>,
     /// The request came from outside the mesh (the gateway, or a connection the datapath did
-    /// not redirect): its stamp is removed, and it gets no debug headers unless asked for.
+    /// not redirect): it gets no debug headers unless asked for.
     pub from_outside: bool,
+    /// Remove the stamp the request came with: from outside, or one that does not verify.
+    pub strip_stamp: bool,
     /// The release to stamp on the request before it is forwarded.
     pub stamp: Option<&'s str>,
 }
@@ -43,6 +51,7 @@ pub fn route<'s, B>(
     snapshot: &'s Snapshot,
     listener: Listener,
     connected: Option<&Arc<str>>,
+    keys: &StampKeys,
     request: &Request<B>,
 ) -> Result<Route<'s>, ProxyError> {
     let service = match connected {
@@ -53,27 +62,25 @@ pub fn route<'s, B>(
     };
     let headers: &HeaderMap = request.headers();
     let inside_mesh = listener == Listener::Redirect && connected.is_some();
-    let (release, from_outside, stamp) = if !inside_mesh {
-        let release = snapshot.rules.decide(headers);
-        (release, true, release)
-    } else {
-        match stamp::read(headers) {
-            // Retired: primary, and the stamp is left as it came.
-            Some(name) => match snapshot.rules.get(name) {
-                Some(release) => (Some(release), false, Some(release)),
-                None => (None, false, None),
-            },
-            None => {
-                let release = snapshot.rules.decide(headers);
-                (release, false, release)
-            }
+    let incoming = stamp::read(headers);
+    let verified = incoming.filter(|s| inside_mesh && keys.verify(s.release, s.signature));
+    let (release, stamp) = match verified {
+        // Retired: primary, and the stamp is left as it came.
+        Some(stamp) => match snapshot.rules.get(stamp.release) {
+            Some(release) => (Some(release), Some(release)),
+            None => (None, None),
+        },
+        None => {
+            let release = snapshot.rules.decide(headers);
+            (release, release)
         }
     };
     Ok(Route {
         service,
         version: service.version_for(release),
         release,
-        from_outside,
+        from_outside: !inside_mesh,
+        strip_stamp: incoming.is_some() && verified.is_none(),
         stamp: stamp.map(|r| &*r.name),
     })
 }
@@ -167,7 +174,18 @@ mod tests {
         headers: &[(&str, &str)],
     ) -> (String, String, Option<String>, bool, Option<String>) {
         let connected = connected.map(Arc::<str>::from);
-        summary(route(snapshot, listener, connected.as_ref(), &request(headers)).unwrap())
+        let request = request(headers);
+        summary(route(snapshot, listener, connected.as_ref(), &keys(), &request).unwrap())
+    }
+
+    /// The key the test nodes share.
+    fn keys() -> StampKeys {
+        StampKeys::from_text("the test nodes' stamp key").unwrap()
+    }
+
+    /// A stamp as steer mints it.
+    fn signed(release: &str) -> String {
+        format!("{release};sig={}", keys().sign(release))
     }
 
     fn s(text: &str) -> String {
@@ -216,13 +234,14 @@ mod tests {
     }
 
     #[test]
-    fn inside_the_mesh_a_stamp_is_the_decision() {
+    fn inside_the_mesh_a_stamp_steer_signed_is_the_decision() {
         let snapshot = snapshot("");
         // Tags say red, the stamp says green: the first hop decided green.
+        let member = format!("steer-release={}", signed("green"));
         let headers = [
             ("x-device", "android"),
             ("x-region", "atlantis"),
-            ("baggage", "steer-release=green"),
+            ("baggage", member.as_str()),
         ];
         assert_eq!(
             routed(&snapshot, Listener::Redirect, Some("delivery"), &headers),
@@ -234,6 +253,37 @@ mod tests {
                 Some(s("green"))
             )
         );
+    }
+
+    #[test]
+    fn a_stamp_that_does_not_verify_is_removed_and_the_tags_decide() {
+        let snapshot = snapshot("");
+        let other_key = StampKeys::from_text("another cluster's stamp key").unwrap();
+        let foreign = format!("green;sig={}", other_key.sign("green"));
+        for forged in [
+            "green",
+            "green;sig=AAAAAAAAAAAAAAAAAAAAAA",
+            foreign.as_str(),
+        ] {
+            let headers = [
+                ("x-device", "android"),
+                ("x-region", "atlantis"),
+                ("x-steer-release", forged),
+            ];
+            let request = request(&headers);
+            let connected = Some(Arc::<str>::from("delivery"));
+            let route = route(
+                &snapshot,
+                Listener::Redirect,
+                connected.as_ref(),
+                &keys(),
+                &request,
+            )
+            .unwrap();
+            assert!(route.strip_stamp, "{forged}");
+            assert_eq!(route.stamp, Some("red"), "{forged}");
+            assert_eq!(&*route.version.name, "v1", "red has no delivery version");
+        }
     }
 
     #[test]
@@ -250,7 +300,8 @@ mod tests {
     #[test]
     fn a_retired_stamp_means_primary_and_stays_on_the_request() {
         let snapshot = snapshot("");
-        let headers = [("x-device", "android"), ("x-steer-release", "gone")];
+        let gone = signed("gone");
+        let headers = [("x-device", "android"), ("x-steer-release", gone.as_str())];
         assert_eq!(
             routed(&snapshot, Listener::Redirect, Some("restaurant"), &headers),
             (s("restaurant"), s("v1"), None, false, None)
@@ -319,13 +370,8 @@ mod tests {
         let snapshot = snapshot("");
         let refused = |listener, connected: Option<&str>, host: &str| {
             let connected = connected.map(Arc::<str>::from);
-            route(
-                &snapshot,
-                listener,
-                connected.as_ref(),
-                &request(&[("host", host)]),
-            )
-            .unwrap_err()
+            let request = request(&[("host", host)]);
+            route(&snapshot, listener, connected.as_ref(), &keys(), &request).unwrap_err()
         };
         assert!(matches!(
             refused(Listener::Gateway, None, "nowhere.example"),

@@ -1,17 +1,44 @@
 //! The decision stamp carried on requests: our header, and a member of the W3C `baggage`
 //! header so OpenTelemetry-instrumented applications carry it to their downstream calls.
+//!
+//! A stamp is `NAME;sig=SIG`: SIG is an HMAC-SHA256 of the release name under a key the
+//! nodes share (truncated to 128 bits, base64url). Only steer can mint one, so neither a pod
+//! nor an outside client whose `baggage` an application passes on can choose a release; a
+//! stamp that does not verify is no stamp, and the rules decide from the tags.
 
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use http::{HeaderMap, HeaderName, HeaderValue};
+use ring::hmac;
 
 /// Header names as constants: a name given as a string is parsed again at every lookup.
 pub static STAMP_HEADER: HeaderName = HeaderName::from_static("x-steer-release");
 pub static BAGGAGE_HEADER: HeaderName = HeaderName::from_static("baggage");
 pub const BAGGAGE_KEY: &str = "steer-release";
 
-/// The release name a request was stamped with: our header first, else the baggage member.
-pub fn read(headers: &HeaderMap) -> Option<&str> {
+/// A stamp as it arrived: the release it names and its signature, if it has one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Incoming<'a> {
+    pub release: &'a str,
+    pub signature: Option<&'a str>,
+}
+
+/// Splits `NAME;sig=SIG` (properties after the name, as W3C baggage writes them).
+fn parse(value: &str) -> Incoming<'_> {
+    let mut parts = value.split(';');
+    let release = parts.next().unwrap_or("").trim();
+    let signature = parts
+        .find_map(|p| p.trim().strip_prefix("sig="))
+        .map(str::trim);
+    Incoming { release, signature }
+}
+
+/// The stamp a request carries: our header first, else the baggage member.
+pub fn read(headers: &HeaderMap) -> Option<Incoming<'_>> {
     if let Some(value) = headers.get(&STAMP_HEADER) {
-        return value.to_str().ok().map(str::trim);
+        return value.to_str().ok().map(parse);
     }
     headers
         .get_all(&BAGGAGE_HEADER)
@@ -20,8 +47,116 @@ pub fn read(headers: &HeaderMap) -> Option<&str> {
         .flat_map(|v| v.split(','))
         .find_map(|member| {
             let (key, value) = member.split_once('=')?;
-            (key.trim() == BAGGAGE_KEY).then(|| value.split(';').next().unwrap_or("").trim())
+            (key.trim() == BAGGAGE_KEY).then(|| parse(value))
         })
+}
+
+/// The keys stamps are signed with: the first signs, every one verifies. Rotation: put the new
+/// key first and keep the old one until every node runs with the new file, then drop it.
+#[derive(Clone)]
+pub struct StampKeys(Vec<hmac::Key>);
+
+/// Bytes of a signature (before base64): 128 bits.
+const SIGNATURE_BYTES: usize = 16;
+/// The shortest key accepted.
+const MIN_KEY_BYTES: usize = 16;
+
+impl StampKeys {
+    /// One key per non-empty line.
+    pub fn from_text(text: &str) -> Result<StampKeys> {
+        let mut keys = Vec::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            ensure!(
+                line.len() >= MIN_KEY_BYTES,
+                "line {}: a key needs at least {MIN_KEY_BYTES} bytes",
+                number + 1
+            );
+            keys.push(hmac::Key::new(hmac::HMAC_SHA256, line.as_bytes()));
+        }
+        if keys.is_empty() {
+            bail!("no key");
+        }
+        Ok(StampKeys(keys))
+    }
+
+    /// Reads the key file, or makes one with a new random key when there is none (file mode
+    /// on one machine; a cluster mounts one Secret on every node instead).
+    pub fn load_or_create(path: &Path) -> Result<StampKeys> {
+        let read = |path: &Path| -> Result<StampKeys> {
+            let text = std::fs::read_to_string(path)?;
+            StampKeys::from_text(&text)
+        };
+        if path.exists() {
+            return read(path).with_context(|| format!("stamp key file {}", path.display()));
+        }
+        let mut key = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+            .map_err(|_| anyhow::anyhow!("no randomness for a stamp key"))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        // create_new: of agents starting together, one writes and the others read its key.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(mut file) => {
+                writeln!(file, "{}", URL_SAFE_NO_PAD.encode(key))?;
+                tracing::info!(path = %path.display(), "made a new stamp key");
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("cannot write {}", path.display()));
+            }
+        }
+        // Written whole before it is read: a file another agent is writing may be short.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match read(path) {
+                Ok(keys) => return Ok(keys),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(err) => {
+                    return Err(err).with_context(|| format!("stamp key file {}", path.display()));
+                }
+            }
+        }
+    }
+
+    fn signature(key: &hmac::Key, release: &str) -> String {
+        let tag = hmac::sign(key, release.as_bytes());
+        URL_SAFE_NO_PAD.encode(&tag.as_ref()[..SIGNATURE_BYTES])
+    }
+
+    /// The signature this node mints for `release`.
+    pub fn sign(&self, release: &str) -> String {
+        StampKeys::signature(&self.0[0], release)
+    }
+
+    /// Whether `signature` is one of the keys' signature of `release`.
+    pub fn verify(&self, release: &str, signature: Option<&str>) -> bool {
+        let Some(signature) = signature else {
+            return false;
+        };
+        self.0.iter().any(|key| {
+            let expected = StampKeys::signature(key, release);
+            // Constant time: how much of a guess matched must not show in the timing.
+            expected.len() == signature.len()
+                && expected
+                    .bytes()
+                    .zip(signature.bytes())
+                    .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                    == 0
+        })
+    }
 }
 
 /// The baggage members other than ours, joined again.
@@ -64,16 +199,12 @@ pub struct Stamp {
 
 impl Stamp {
     /// `None` for a name that cannot be a header value (the request then goes unstamped).
-    pub fn new(release: &str) -> Option<Stamp> {
+    pub fn new(release: &str, keys: &StampKeys) -> Option<Stamp> {
+        let signed = format!("{release};sig={}", keys.sign(release));
         Some(Stamp {
-            release: HeaderValue::from_str(release).ok()?,
-            member: HeaderValue::from_str(&format!("{BAGGAGE_KEY}={release}")).ok()?,
+            release: HeaderValue::from_str(&signed).ok()?,
+            member: HeaderValue::from_str(&format!("{BAGGAGE_KEY}={signed}")).ok()?,
         })
-    }
-
-    /// The release name as a header value (for the debug response header too).
-    pub fn value(&self) -> &HeaderValue {
-        &self.release
     }
 }
 
@@ -99,6 +230,10 @@ pub fn write(headers: &mut HeaderMap, stamp: &Stamp) {
 mod tests {
     use super::*;
 
+    fn keys() -> StampKeys {
+        StampKeys::from_text("a key of the test nodes\n").unwrap()
+    }
+
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (k, v) in pairs {
@@ -113,29 +248,87 @@ mod tests {
             ("baggage", "userId=alice, steer-release=old;p=1"),
             ("baggage", "k=v"),
         ]);
-        write(&mut map, &Stamp::new("red").unwrap());
-        assert_eq!(map["x-steer-release"], "red");
-        assert_eq!(map["baggage"], "userId=alice,k=v,steer-release=red");
+        let keys = keys();
+        write(&mut map, &Stamp::new("red", &keys).unwrap());
+        let signed = format!("red;sig={}", keys.sign("red"));
+        assert_eq!(map["x-steer-release"], signed.as_str());
+        assert_eq!(
+            map["baggage"],
+            format!("userId=alice,k=v,steer-release={signed}").as_str()
+        );
         assert_eq!(map.get_all("baggage").iter().count(), 1);
     }
 
     #[test]
     fn write_without_other_baggage_sets_both_forms() {
         let mut map = headers(&[("x-device", "android")]);
-        write(&mut map, &Stamp::new("blue").unwrap());
-        assert_eq!(map["x-steer-release"], "blue");
-        assert_eq!(map["baggage"], "steer-release=blue");
-        assert!(Stamp::new("bad\nname").is_none());
+        let keys = keys();
+        write(&mut map, &Stamp::new("blue", &keys).unwrap());
+        let signed = format!("blue;sig={}", keys.sign("blue"));
+        assert_eq!(map["x-steer-release"], signed.as_str());
+        assert_eq!(map["baggage"], format!("steer-release={signed}").as_str());
+        assert!(Stamp::new("bad\nname", &keys).is_none());
+        // What was written reads back, and verifies.
+        let stamp = read(&map).unwrap();
+        assert_eq!(stamp.release, "blue");
+        assert!(keys.verify(stamp.release, stamp.signature));
     }
 
     #[test]
     fn read_prefers_the_header_then_baggage() {
-        assert_eq!(read(&headers(&[("x-steer-release", "blue")])), Some("blue"));
+        let release = |map: &HeaderMap| read(map).map(|s| s.release.to_string());
         assert_eq!(
-            read(&headers(&[("baggage", "a=b, steer-release = green ;x")])),
-            Some("green")
+            release(&headers(&[("x-steer-release", "blue;sig=abc")])),
+            Some("blue".into())
         );
-        assert_eq!(read(&headers(&[("baggage", "a=b")])), None);
+        assert_eq!(
+            read(&headers(&[(
+                "baggage",
+                "a=b, steer-release = green ;x;sig=q"
+            )]))
+            .and_then(|s| s.signature),
+            Some("q")
+        );
+        assert_eq!(release(&headers(&[("baggage", "a=b")])), None);
+        assert_eq!(
+            read(&headers(&[("x-steer-release", "blue")]))
+                .unwrap()
+                .signature,
+            None
+        );
+    }
+
+    #[test]
+    fn only_a_signature_of_a_known_key_verifies_and_old_keys_verify_during_rotation() {
+        let old = StampKeys::from_text("the old key of the nodes").unwrap();
+        let rotated =
+            StampKeys::from_text("the new key of the nodes\nthe old key of the nodes").unwrap();
+        let minted_before = old.sign("red");
+        assert!(rotated.verify("red", Some(&minted_before)));
+        assert_ne!(rotated.sign("red"), minted_before, "the first key signs");
+        assert!(
+            !rotated.verify("blue", Some(&minted_before)),
+            "bound to the name"
+        );
+        assert!(!rotated.verify("red", None));
+        assert!(!rotated.verify("red", Some("forged")));
+        let other = StampKeys::from_text("another cluster's key!").unwrap();
+        assert!(!other.verify("red", Some(&minted_before)));
+        assert!(StampKeys::from_text("short").is_err());
+        assert!(StampKeys::from_text("\n\n").is_err());
+    }
+
+    #[test]
+    fn a_missing_key_file_is_made_once_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("steer-stamp-key-{}", std::process::id()));
+        let path = dir.join("key");
+        let made = StampKeys::load_or_create(&path).unwrap();
+        let again = StampKeys::load_or_create(&path).unwrap();
+        assert_eq!(made.sign("red"), again.sign("red"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -223,7 +223,7 @@ impl Worker {
             .entry(key)
             .or_insert_with(|| {
                 let release = route.release.map(|r| &*r.name);
-                let stamp = release.and_then(Stamp::new);
+                let stamp = release.and_then(|r| Stamp::new(r, &self.shared.stamp_keys));
                 let value = |name: &str| HeaderValue::from_str(name).ok();
                 Rc::new(RouteEntry {
                     series: metrics.route_series(&route.service.name, &route.version.name, release),
@@ -238,7 +238,7 @@ impl Worker {
                         ),
                         (
                             HeaderName::from_static("x-steer-release"),
-                            stamp.as_ref().map(|s| s.value().clone()),
+                            release.and_then(value),
                         ),
                     ],
                     stamp,

@@ -132,7 +132,8 @@ async fn handle(
         .headers()
         .get("x-steer-release")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+        // `NAME;sig=...`: the name is what the hop reports.
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_string());
     let mut hop = Hop {
         service: args.service.clone(),
         version: args.version.clone(),
