@@ -34,6 +34,7 @@ fn releases(n: usize) -> Config {
             addresses: vec![],
             versions,
             request_timeout: None,
+            protocol: Default::default(),
         }],
         releases: (0..n)
             .map(|i| Release {

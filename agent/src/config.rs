@@ -84,6 +84,46 @@ pub struct Service {
         with = "timeout_format"
     )]
     pub request_timeout: Option<Duration>,
+    /// What its clients speak. `tcp` for protocols the rules cannot read, above all those
+    /// where the server speaks first (MySQL, SMTP): their connections go to the primary
+    /// version at once, unread. Kubernetes: a Service port's `appProtocol`.
+    #[serde(default, skip_serializing_if = "AppProtocol::is_http")]
+    pub protocol: AppProtocol,
+}
+
+/// What a service's clients speak.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1 or HTTP/2 (h2c, gRPC): read, and routed by the rules. A client that sends
+    /// something else is still relayed to the primary.
+    #[default]
+    Http,
+    /// Anything else: relayed to the primary version without waiting for the client.
+    Tcp,
+}
+
+impl AppProtocol {
+    fn is_http(&self) -> bool {
+        *self == AppProtocol::Http
+    }
+
+    /// A Kubernetes Service port's `appProtocol`: HTTP for the names of HTTP and its
+    /// cleartext variants, TCP for every other name (mysql, redis, https, ...).
+    pub fn from_kubernetes(app_protocol: Option<&str>) -> AppProtocol {
+        const HTTP: [&str; 6] = [
+            "http",
+            "http2",
+            "h2c",
+            "grpc",
+            "kubernetes.io/h2c",
+            "kubernetes.io/ws",
+        ];
+        match app_protocol {
+            Some(name) if !HTTP.contains(&name.to_ascii_lowercase().as_str()) => AppProtocol::Tcp,
+            _ => AppProtocol::Http,
+        }
+    }
 }
 
 /// A service's request timeout when its configuration names none.

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{
     check::{self, Report},
-    config::{Config, DEFAULT_REQUEST_TIMEOUT},
+    config::{AppProtocol, Config, DEFAULT_REQUEST_TIMEOUT},
     rules::{CompiledRelease, Ruleset, Tags},
 };
 
@@ -45,6 +45,7 @@ pub struct ServiceRoutes {
     primary: usize,
     /// How long its versions have to answer with response headers.
     pub request_timeout: Duration,
+    pub protocol: AppProtocol,
 }
 
 #[derive(Debug)]
@@ -54,6 +55,12 @@ pub struct VersionRoutes {
 }
 
 impl ServiceRoutes {
+    /// What a connection keeps of its service: the name (looked up again per request, in the
+    /// snapshot then in force) and what its clients speak.
+    pub fn clone_identity(&self) -> (Arc<str>, AppProtocol) {
+        (self.name.clone(), self.protocol)
+    }
+
     /// The version that serves a request scheduled to `release` (or to none): the release's
     /// own version of this service if it has one, else the primary.
     pub fn version_for(&self, release: Option<&CompiledRelease>) -> &VersionRoutes {
@@ -212,6 +219,7 @@ impl Snapshot {
                 versions,
                 primary,
                 request_timeout: service.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
+                protocol: service.protocol,
             });
         }
         Ok((

@@ -312,7 +312,8 @@ fn bodies_stream_through_the_proxy_both_ways() {
 #[test]
 fn non_http_connections_are_relayed_at_l4_to_the_primary_version() {
     let mut scenario = food_delivery();
-    // A server-first TCP service: the client sends nothing, the server speaks first.
+    // A server-first TCP service, declared as such: the client sends nothing, the server
+    // speaks first.
     let pod_ip = scenario.node.pod_ip(50);
     let pod = scenario.node.add_pod_at("legacy-v1", pod_ip).unwrap();
     let _server = pod
@@ -326,7 +327,7 @@ fn non_http_connections_are_relayed_at_l4_to_the_primary_version() {
     let mut config = scenario.config.clone();
     config.services.push(
         serde_yaml_ng::from_str(&format!(
-            "{{name: legacy, addresses: [\"{service}\"], versions: [{{name: v1, primary: true, endpoints: [\"{pod_ip}:7000\"]}}]}}"
+            "{{name: legacy, protocol: tcp, addresses: [\"{service}\"], versions: [{{name: v1, primary: true, endpoints: [\"{pod_ip}:7000\"]}}]}}"
         ))
         .unwrap(),
     );
@@ -964,4 +965,31 @@ fn a_hostile_configuration_file_is_refused_without_stalling_traffic() {
         }
         assert!(Instant::now() < deadline, "never rejected");
     }
+}
+
+#[test]
+fn a_client_slow_to_send_its_request_is_still_routed_by_its_tags() {
+    let scenario = food_delivery();
+    // From a pod, through the redirect: connect, wait longer than any sniffing timer would
+    // have, then send a tagged request.
+    let restaurant = restaurant(&scenario);
+    let script = format!(
+        "import socket, time\n\
+         s = socket.create_connection(('{}', {}))\n\
+         time.sleep(0.6)\n\
+         s.sendall(b'GET / HTTP/1.1\\r\\nhost: restaurant\\r\\nx-device: android\\r\\nconnection: close\\r\\n\\r\\n')\n\
+         s.settimeout(5)\n\
+         out = b''\n\
+         while True:\n    chunk = s.recv(65536)\n    if not chunk: break\n    out += chunk\n\
+         print(out.decode(errors='replace'))\n",
+        restaurant.ip(),
+        restaurant.port()
+    );
+    let output = scenario
+        .node
+        .pod("order-v1")
+        .exec(Command::new("python3").args(["-c", &script]))
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(out.contains("x-steer-version: v2-blue"), "{out}");
 }

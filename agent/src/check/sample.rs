@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::{Config, Matcher, Release, Service, Version};
+use crate::config::{AppProtocol, Config, Matcher, Release, Service, Version};
 
 /// The number of services every sample configuration has.
 pub const SERVICES: usize = 100;
@@ -92,6 +92,7 @@ pub fn mixed(releases: usize, seed: u64) -> Config {
                 addresses: vec![],
                 versions,
                 request_timeout: None,
+                protocol: AppProtocol::Http,
             })
             .collect(),
         releases,

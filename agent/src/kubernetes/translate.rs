@@ -16,7 +16,7 @@ use k8s_openapi::api::{core::v1::Service as KubeService, discovery::v1::Endpoint
 use super::crd::CanaryRelease;
 use crate::{
     check,
-    config::{Config, Release, Service, Version, timeout_format},
+    config::{AppProtocol, Config, Release, Service, Version, timeout_format},
     rules::Test,
 };
 
@@ -263,6 +263,7 @@ fn mesh_services(cluster: &Cluster, default_label: &str) -> Vec<(String, Service
                         })
                         .collect(),
                     request_timeout,
+                    protocol: AppProtocol::from_kubernetes(port.app_protocol.as_deref()),
                 },
             ));
         }

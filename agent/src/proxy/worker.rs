@@ -26,14 +26,15 @@ use super::{
     Listener, LocalExec, MAX_HEADER_BYTES, Shared, forward::handle, l4, pool::Pool,
     pool::SWEEP_INTERVAL, route::Route,
 };
-use crate::{drain::Drain, metrics::RouteSeries, state::Snapshot};
+use crate::{config::AppProtocol, drain::Drain, metrics::RouteSeries, state::Snapshot};
 
 /// After a failed accept (out of file descriptors, say) the worker waits this long before the
 /// next one, instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-/// How long a redirected connection may stay silent before it is taken for a server-first
-/// protocol and relayed at L4.
-const SNIFF_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long a gateway client may stay silent before hyper takes over its connection (and its
+/// header timeout applies). Redirected clients of an HTTP service get the idle timeout: a slow
+/// client is not a server-first protocol (those are declared `protocol: tcp`).
+const GATEWAY_SNIFF: Duration = Duration::from_millis(300);
 
 /// The listening sockets of one worker.
 #[derive(Default)]
@@ -340,7 +341,7 @@ fn refuse(
 enum Protocol {
     Http1,
     Http2,
-    /// Not HTTP, or nothing within the sniff timeout (a server-first protocol).
+    /// Not HTTP, or nothing within the sniff's patience.
     Other,
 }
 
@@ -382,9 +383,9 @@ fn classify(first: &[u8]) -> Option<Protocol> {
 const PEEK_BYTES: usize = 24;
 
 /// Peeks at the client's first bytes (they stay in the socket for the server to read).
-async fn sniff(stream: &TcpStream) -> Protocol {
+async fn sniff(stream: &TcpStream, patience: Duration) -> Protocol {
     let mut buf = [0u8; PEEK_BYTES];
-    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + patience;
     loop {
         let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
         let Ok(Ok(n)) = peeked else {
@@ -414,11 +415,20 @@ async fn connection(
         (Listener::Redirect, Some(originals)) => originals.take(peer),
         _ => None,
     };
-    let connected: Option<Arc<str>> =
-        original.and_then(|address| Some(worker.snapshot().service_at(address)?.name.clone()));
-    let protocol = match sniff(&stream).await {
-        Protocol::Other if connected.is_none() => Protocol::Http1,
-        protocol => protocol,
+    let (connected, declared) = match original
+        .and_then(|address| Some(worker.snapshot().service_at(address)?.clone_identity()))
+    {
+        Some((name, declared)) => (Some(name), declared),
+        None => (None, AppProtocol::Http),
+    };
+    let protocol = match (declared, &connected) {
+        // Unread, at once: the server may be the one to speak first.
+        (AppProtocol::Tcp, _) => Protocol::Other,
+        (AppProtocol::Http, Some(_)) => sniff(&stream, worker.shared.limits.idle_timeout).await,
+        (AppProtocol::Http, None) => match sniff(&stream, GATEWAY_SNIFF).await {
+            Protocol::Other => Protocol::Http1,
+            protocol => protocol,
+        },
     };
     if let (Protocol::Other, Some(service)) = (protocol, &connected) {
         l4::relay(&worker, stream, service).await;
