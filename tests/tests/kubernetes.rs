@@ -90,8 +90,8 @@ fn start_source(server: &ApiServer) -> Source {
         lease_namespace: "steer-system".into(),
         cgroup_root: None,
     };
-    let apply: kubernetes::Apply = Box::new(move |config| {
-        let config = config?;
+    let apply: kubernetes::Apply = Box::new(move |checked| {
+        let config = checked?.config;
         let _ = sender.send(config);
         Ok(())
     });
