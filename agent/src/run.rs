@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, Admin},
+    check,
     config::Config,
     datapath::{Datapath, DatapathOptions},
     drain,
@@ -172,7 +173,16 @@ impl Applier {
     /// Applies a configuration the source could build, or records one it could not; either
     /// way a rejection is logged and counted, and the previous configuration keeps serving.
     fn apply(&self, config: Result<Config>, origin: &str) -> Result<()> {
-        let result = config.and_then(|config| self.try_apply(config, origin));
+        self.apply_checked(config.map(|config| (config, None)), origin)
+    }
+
+    /// `apply`, with the checker's report when the source has one for this configuration.
+    fn apply_checked(
+        &self,
+        config: Result<(Config, Option<check::Report>)>,
+        origin: &str,
+    ) -> Result<()> {
+        let result = config.and_then(|(config, report)| self.try_apply(config, report, origin));
         self.metrics.reload(result.is_ok());
         match &result {
             Ok(()) => self.admin.synced.store(true, Ordering::Relaxed),
@@ -183,11 +193,11 @@ impl Applier {
         result
     }
 
-    fn try_apply(&self, config: Config, origin: &str) -> Result<()> {
+    fn try_apply(&self, config: Config, report: Option<check::Report>, origin: &str) -> Result<()> {
         refuse_own_addresses(&config, &self.own_addresses).with_context(|| origin.to_string())?;
         let previous = self.state.load_full();
-        let (snapshot, report) =
-            Snapshot::build_after(config, Some(&previous)).with_context(|| origin.to_string())?;
+        let (snapshot, report) = Snapshot::build_checked(config, Some(&previous), report)
+            .with_context(|| origin.to_string())?;
         for warning in &report.warnings {
             warn!(code = warning.code, "{}", warning.message);
         }
@@ -404,8 +414,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
             };
             // Building a snapshot is CPU work: off the runtime's worker, so the admin server
             // and the watches keep going meanwhile.
-            let apply: kubernetes::Apply = Box::new(move |config| {
-                tokio::task::block_in_place(|| applier.apply(config, "kubernetes"))
+            // The source checked the configuration already: its report comes along.
+            let apply: kubernetes::Apply = Box::new(move |checked| {
+                let checked = checked.map(|c| (c.config, Some(c.report)));
+                tokio::task::block_in_place(|| applier.apply_checked(checked, "kubernetes"))
             });
             tokio::spawn(kubernetes::run(
                 client,

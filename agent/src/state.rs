@@ -147,7 +147,17 @@ impl Snapshot {
         config: Config,
         previous: Option<&Snapshot>,
     ) -> Result<(Snapshot, Report), Rejected> {
-        let report = check::check(&config);
+        Snapshot::build_checked(config, previous, None)
+    }
+
+    /// Like `build_after`, trusting `report` when given: the checker's report on exactly this
+    /// configuration (a source that checked it already need not pay for a second check).
+    pub fn build_checked(
+        config: Config,
+        previous: Option<&Snapshot>,
+        report: Option<Report>,
+    ) -> Result<(Snapshot, Report), Rejected> {
+        let report = report.unwrap_or_else(|| check::check(&config));
         Snapshot::assemble(config, previous, report)
     }
 

@@ -90,8 +90,8 @@ fn start_source(server: &ApiServer) -> Source {
         lease_namespace: "steer-system".into(),
         cgroup_root: None,
     };
-    let apply: kubernetes::Apply = Box::new(move |config| {
-        let config = config?;
+    let apply: kubernetes::Apply = Box::new(move |checked| {
+        let config = checked?.config;
         let _ = sender.send(config);
         Ok(())
     });
@@ -515,4 +515,110 @@ fn a_pod_annotated_out_of_redirection_takes_the_kube_proxy_path() {
     wait_until(false, "the annotation never took the pod out of the mesh");
     server.put(order_pod(json!({})));
     wait_until(true, "the pod never came back into the mesh");
+}
+
+/// `releases` CanaryReleases of the checker's mixed sample as a cluster holds them: each
+/// service with an address, each version with one ready pod.
+fn mixed_cluster(releases: usize) -> Vec<Value> {
+    let mut config = steer::check::sample::mixed(releases, 7);
+    let mut pods = 0u32;
+    for (i, service) in config.services.iter_mut().enumerate() {
+        service.addresses = vec![format!("10.96.0.{}:80", 1 + i).parse().unwrap()];
+        for version in &mut service.versions {
+            pods += 1;
+            let [_, _, a, b] = pods.to_be_bytes();
+            version.endpoints = vec![format!("10.244.{a}.{b}:8080").parse().unwrap()];
+        }
+    }
+    steer_tests::apiserver::objects_from_config(&config, "teams")
+}
+
+/// Waits until `count` statuses were written; the time since `since`.
+async fn until_written(
+    server: &ApiServer,
+    count: usize,
+    since: Instant,
+    limit: Duration,
+) -> Duration {
+    while server.patches().len() < count {
+        assert!(
+            since.elapsed() < limit,
+            "{} of {count} statuses written in {limit:?}",
+            server.patches().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    since.elapsed()
+}
+
+/// Many releases: one configuration in force, every status written once at the writer's pace,
+/// and a re-list that brings nothing new writes nothing and applies nothing again.
+#[tokio::test]
+async fn many_releases_are_written_once_paced_and_survive_a_relist() {
+    const RELEASES_N: usize = 400;
+    let server = ApiServer::start(mixed_cluster(RELEASES_N)).await;
+    let start = Instant::now();
+    let mut source = start_source(&server);
+    let config = source
+        .applied
+        .until("the releases serve", |c| !c.releases.is_empty())
+        .await;
+    assert!(
+        config.releases.len() > RELEASES_N / 2,
+        "{}",
+        config.releases.len()
+    );
+    let took = until_written(&server, RELEASES_N, start, Duration::from_secs(30)).await;
+    // 250 a second at most: 400 take 1.6 s at least.
+    assert!(
+        took >= Duration::from_millis(1_500),
+        "{RELEASES_N} written in {took:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        server.patches().len(),
+        RELEASES_N,
+        "a status was written twice"
+    );
+    while source.applied.0.try_recv().is_ok() {}
+
+    server.expire_watches();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        server.patches().len(),
+        RELEASES_N,
+        "the re-list rewrote statuses"
+    );
+    assert!(
+        source.applied.0.try_recv().is_err(),
+        "an unchanged re-list was applied again"
+    );
+    source.task.abort();
+}
+
+/// The 10,000-release figure (too slow for CI): `cargo test -p steer-tests --release --test
+/// kubernetes -- --ignored --nocapture ten_thousand`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn ten_thousand_releases() {
+    const RELEASES_N: usize = 10_000;
+    let server = ApiServer::start(mixed_cluster(RELEASES_N)).await;
+    let start = Instant::now();
+    let mut source = start_source(&server);
+    source
+        .applied
+        .until("the releases serve", |c| !c.releases.is_empty())
+        .await;
+    let applied = start.elapsed();
+    let written = until_written(&server, RELEASES_N, start, Duration::from_secs(120)).await;
+    server.expire_watches();
+    let relisted = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!(
+        "10k CanaryReleases: first configuration in force after {applied:?} (list + check), \
+         every status written after {written:?}; a re-list wrote {} more",
+        server.patches().len() - RELEASES_N
+    );
+    let _ = relisted;
+    source.task.abort();
 }

@@ -6,6 +6,7 @@
 //! of everything nothing is applied, and afterwards the last good configuration keeps serving
 //! whatever the API server does.
 
+pub mod cache;
 pub mod crd;
 pub mod leader;
 pub mod opt_out;
@@ -13,6 +14,7 @@ pub mod status;
 pub mod translate;
 
 use std::{
+    collections::BTreeMap,
     fmt::Debug,
     hash::Hash,
     path::PathBuf,
@@ -33,28 +35,30 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams},
     core::PartialObjectMeta,
-    runtime::{
-        WatchStreamExt,
-        reflector::{self, Store, store::Writer},
-        watcher,
-    },
+    runtime::{WatchStreamExt, watcher},
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
 use self::{
+    cache::Cache,
     crd::CanaryRelease,
     leader::Elector,
     status::desired_status,
     translate::{Cluster, State, Verdict, release_key, translate},
 };
-use crate::{config::Config, drain::Drain, metrics::Metrics};
+use crate::{check::Report, config::Config, drain::Drain, metrics::Metrics};
 
 /// A burst of events (a rollout, a re-list) becomes one rebuild.
 const SETTLE: Duration = Duration::from_millis(50);
 /// How soon a round that failed in part (a status write, the datapath) is tried again.
 const RETRY: Duration = Duration::from_secs(5);
+/// The status writer's pace: a full pass over 10,000 changed verdicts takes 40 s, and the API
+/// server never sees more than this from steer.
+const STATUS_WRITES_PER_SECOND: u32 = 250;
+/// Status writes awaiting their answer at once: the pace holds up to 32 ms per write.
+const STATUS_WRITES_IN_FLIGHT: usize = 8;
 
 #[derive(Clone, Debug)]
 pub struct KubernetesOptions {
@@ -69,9 +73,20 @@ pub struct KubernetesOptions {
     pub cgroup_root: Option<PathBuf>,
 }
 
+/// A configuration the source built, with the checker's report on exactly it (valid): putting
+/// it in force needs no second check.
+#[derive(Debug)]
+pub struct Checked {
+    pub config: Config,
+    pub report: Report,
+}
+
 /// Puts a built configuration in force, or records why none could be built; an error keeps
 /// the previous one serving (the callee logs it).
-pub type Apply = Box<dyn Fn(Result<Config>) -> Result<()> + Send + Sync>;
+pub type Apply = Box<dyn Fn(Result<Checked>) -> Result<()> + Send + Sync>;
+
+/// The verdicts the status writer is to bring every CanaryRelease's status to.
+type Verdicts = BTreeMap<String, Verdict>;
 
 /// Runs the source until the agent drains; then gives up the status writer's lease.
 pub async fn run(
@@ -121,6 +136,14 @@ pub async fn run(
     ));
     let leading = elector.leading.clone();
     let campaign = tokio::spawn(elector.clone().run());
+    let (verdicts, verdicts_rx) = watch::channel(None);
+    let writer = tokio::spawn(write_statuses(
+        client.clone(),
+        metrics.clone(),
+        releases.clone(),
+        leading.clone(),
+        verdicts_rx,
+    ));
     let stores = Stores {
         releases,
         services,
@@ -128,9 +151,10 @@ pub async fn run(
         pods,
     };
     tokio::select! {
-        _ = follow(&client, &options, &apply, &metrics, &changed, &leading, stores) => {}
+        _ = follow(&options, &apply, &metrics, &changed, &leading, &verdicts, stores) => {}
         _ = drain.signaled() => {}
     }
+    writer.abort();
     campaign.abort();
     if let Err(err) = elector.release().await {
         warn!(error = %format!("{err:#}"), "cannot release the status writer lease; it expires by itself");
@@ -139,21 +163,21 @@ pub async fn run(
 
 /// The watched objects.
 struct Stores {
-    releases: Store<CanaryRelease>,
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    pods: Store<PartialObjectMeta<Pod>>,
+    releases: Cache<CanaryRelease>,
+    services: Cache<Service>,
+    slices: Cache<EndpointSlice>,
+    pods: Cache<PartialObjectMeta<Pod>>,
 }
 
-/// Rebuilds the configuration on every change, applies it, and writes the verdicts when this
-/// agent is the status writer.
+/// Rebuilds the configuration on every change, applies it, and hands the verdicts to the
+/// status writer when this agent is the one.
 async fn follow(
-    client: &Client,
     options: &KubernetesOptions,
     apply: &Apply,
     metrics: &Metrics,
     changed: &Notify,
     leading: &AtomicBool,
+    verdicts: &watch::Sender<Option<Arc<Verdicts>>>,
     stores: Stores,
 ) {
     let Stores {
@@ -174,7 +198,7 @@ async fn follow(
         return;
     }
     info!("the cluster's objects are listed");
-    // The cluster last applied, and the one whose verdicts this agent last wrote in full: our
+    // The cluster last applied, and the one whose verdicts the status writer last got: our
     // own status writes come back as events that change neither, and cost no rebuild.
     let mut applied: Option<Arc<Cluster>> = None;
     let mut applied_opt_out: Vec<PathBuf> = Vec::new();
@@ -225,18 +249,22 @@ async fn follow(
                         })
                         .collect();
                     metrics.releases_by_state(&counts);
-                    let config = Config {
-                        opt_out_cgroups: opt_out.clone(),
-                        ..translation.config
+                    if status_due {
+                        // The writer works through them at its own pace, in its own task:
+                        // applying the next change does not wait for it.
+                        verdicts.send_replace(Some(Arc::new(translation.verdicts)));
+                        written = Some(cluster.clone());
+                    }
+                    let checked = Checked {
+                        config: Config {
+                            opt_out_cgroups: opt_out.clone(),
+                            ..translation.config
+                        },
+                        report: translation.report,
                     };
-                    if apply_due && apply(Ok(config)).is_ok() {
+                    if apply_due && apply(Ok(checked)).is_ok() {
                         applied = Some(cluster.clone());
                         applied_opt_out = opt_out.clone();
-                    }
-                    if status_due
-                        && write_statuses(client, metrics, &current, &translation.verdicts).await
-                    {
-                        written = Some(cluster.clone());
                     }
                 }
                 Err(err) => {
@@ -280,23 +308,27 @@ fn without_status(release: &CanaryRelease) -> CanaryRelease {
 }
 
 /// Keeps a store of one kind of object in step with the API server and wakes the rebuild on
-/// every change.
-fn watch<K, S>(stream: S, changed: &Arc<Notify>, metrics: &Arc<Metrics>) -> Store<K>
+/// every change (a re-list once, when it ends).
+fn watch<K, S>(stream: S, changed: &Arc<Notify>, metrics: &Arc<Metrics>) -> Cache<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
     S: Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
 {
-    let (store, writer): (Store<K>, Writer<K>) = reflector::store();
+    let (store, writer) = cache::cache();
     let kind = K::kind(&K::DynamicType::default()).to_string();
     let changed = changed.clone();
     let metrics = metrics.clone();
-    let events = stream.default_backoff().reflect(writer);
+    let events = stream.default_backoff();
     tokio::spawn(async move {
         let mut events = std::pin::pin!(events);
         while let Some(event) = events.next().await {
             match event {
-                Ok(_) => changed.notify_one(),
+                Ok(event) => {
+                    if writer.apply(event) {
+                        changed.notify_one();
+                    }
+                }
                 Err(err) => {
                     metrics.watch_error(&kind);
                     warn!(%kind, error = %err, "watch failed; retrying with backoff");
@@ -307,43 +339,146 @@ where
     store
 }
 
-/// Writes the verdicts whose status differs from what the release carries; true when every
-/// write succeeded.
+/// The one status writer: brings every CanaryRelease's status to the latest verdicts it was
+/// given, writing only the statuses that differ, at most `STATUS_WRITES_PER_SECOND`. Newer
+/// verdicts end a pass and start the next one over the releases as they are then (those
+/// written already compare equal and cost nothing); a pass with failed writes is tried again
+/// after `RETRY`. Writes only while `leading`.
 async fn write_statuses(
-    client: &Client,
-    metrics: &Metrics,
-    releases: &[Arc<CanaryRelease>],
-    verdicts: &std::collections::BTreeMap<String, Verdict>,
-) -> bool {
-    // The API keeps seconds: writing more would make every comparison a difference.
-    let now = Time(jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).expect("now"));
-    let mut all_written = true;
-    for release in releases {
-        let namespace = release.namespace().unwrap_or_default();
-        let name = release.name_any();
-        let Some(verdict) = verdicts.get(&release_key(&namespace, &name)) else {
-            continue;
+    client: Client,
+    metrics: Arc<Metrics>,
+    releases: Cache<CanaryRelease>,
+    leading: Arc<AtomicBool>,
+    mut verdicts: watch::Receiver<Option<Arc<Verdicts>>>,
+) {
+    loop {
+        let latest = verdicts.borrow_and_update().clone();
+        let outcome = match latest {
+            Some(latest) => {
+                write_pass(
+                    &client,
+                    &metrics,
+                    &releases,
+                    &leading,
+                    &latest,
+                    &mut verdicts,
+                )
+                .await
+            }
+            None => Pass::Done,
         };
-        let status = desired_status(release, verdict, now.clone());
-        if release.status.as_ref() == Some(&status) {
-            continue;
-        }
-        let api: Api<CanaryRelease> = Api::namespaced(client.clone(), &namespace);
-        let patch = Patch::Merge(serde_json::json!({ "status": status }));
-        match api
-            .patch_status(&name, &PatchParams::default(), &patch)
-            .await
-        {
-            Ok(_) => {
-                metrics.status_write(true);
-                info!(release = %release_key(&namespace, &name), state = verdict.state.as_str(), "status written");
-            }
-            Err(err) => {
-                all_written = false;
-                metrics.status_write(false);
-                warn!(release = %release_key(&namespace, &name), error = %err, "cannot write status");
-            }
+        let next = match outcome {
+            Pass::Superseded => continue,
+            Pass::Done => verdicts.changed().await,
+            Pass::Failed => match tokio::time::timeout(RETRY, verdicts.changed()).await {
+                Ok(changed) => changed,
+                // Again, with the same verdicts.
+                Err(_) => Ok(()),
+            },
+        };
+        if next.is_err() {
+            return;
         }
     }
-    all_written
+}
+
+enum Pass {
+    /// Every status that differed was written (or this agent no longer writes).
+    Done,
+    /// Some write failed.
+    Failed,
+    /// Newer verdicts came.
+    Superseded,
+}
+
+async fn write_pass(
+    client: &Client,
+    metrics: &Metrics,
+    releases: &Cache<CanaryRelease>,
+    leading: &AtomicBool,
+    verdicts: &Verdicts,
+    newer: &mut watch::Receiver<Option<Arc<Verdicts>>>,
+) -> Pass {
+    // The API keeps seconds: writing more would make every comparison a difference.
+    let now = Time(jiff::Timestamp::from_second(jiff::Timestamp::now().as_second()).expect("now"));
+    let due: Vec<_> = releases
+        .state()
+        .into_iter()
+        .filter_map(|release| {
+            let namespace = release.namespace().unwrap_or_default();
+            let name = release.name_any();
+            let key = release_key(&namespace, &name);
+            let verdict = verdicts.get(&key)?;
+            let status = desired_status(&release, verdict, now.clone());
+            (release.status.as_ref() != Some(&status)).then(|| {
+                let state = verdict.state.as_str();
+                (namespace, name, key, state, status)
+            })
+        })
+        .collect();
+    if due.is_empty() {
+        return Pass::Done;
+    }
+    info!(
+        writes = due.len(),
+        "writing the statuses whose verdict changed"
+    );
+    let mut pace = tokio::time::interval(Duration::from_secs(1) / STATUS_WRITES_PER_SECOND);
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut due = due.into_iter();
+    let mut writes = futures::stream::FuturesUnordered::new();
+    let mut outcome = Pass::Done;
+    loop {
+        while writes.len() < STATUS_WRITES_IN_FLIGHT {
+            let Some((namespace, name, key, state, status)) = due.next() else {
+                break;
+            };
+            pace.tick().await;
+            writes.push(write_status(
+                client.clone(),
+                namespace,
+                name,
+                key,
+                state,
+                status,
+            ));
+        }
+        let Some((key, state, result)) = writes.next().await else {
+            break;
+        };
+        match result {
+            Ok(_) => {
+                metrics.status_write(true);
+                info!(release = %key, state, "status written");
+            }
+            Err(err) => {
+                outcome = Pass::Failed;
+                metrics.status_write(false);
+                warn!(release = %key, error = %err, "cannot write status");
+            }
+        }
+        if newer.has_changed().unwrap_or(false) {
+            return Pass::Superseded;
+        }
+        if !leading.load(Ordering::Relaxed) {
+            return Pass::Done;
+        }
+    }
+    outcome
+}
+
+async fn write_status(
+    client: Client,
+    namespace: String,
+    name: String,
+    key: String,
+    state: &'static str,
+    status: crd::CanaryReleaseStatus,
+) -> (String, &'static str, kube::Result<CanaryRelease>) {
+    let api: Api<CanaryRelease> = Api::namespaced(client, &namespace);
+    let patch = Patch::Merge(serde_json::json!({ "status": status }));
+    let result = api
+        .patch_status(&name, &PatchParams::default(), &patch)
+        .await;
+    (key, state, result)
 }

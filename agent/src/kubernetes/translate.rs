@@ -84,6 +84,8 @@ impl State {
 #[derive(Debug)]
 pub struct Translation {
     pub config: Config,
+    /// The checker's report on `config` (valid): applying it needs no second check.
+    pub report: check::Report,
     pub verdicts: BTreeMap<String, Verdict>,
 }
 
@@ -332,7 +334,11 @@ pub fn resolve(mut config: Config, age: &HashMap<String, usize>) -> Result<Trans
             for release in &config.releases {
                 verdicts.insert(release.name.clone(), accepted(release, &report));
             }
-            return Ok(Translation { config, verdicts });
+            return Ok(Translation {
+                config,
+                report,
+                verdicts,
+            });
         }
         let mut dropped: BTreeMap<String, Verdict> = BTreeMap::new();
         for error in report.errors.iter().filter(|e| e.releases.len() == 1) {

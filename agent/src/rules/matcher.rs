@@ -159,6 +159,11 @@ impl WholeValueRegex {
     pub fn prefixes(&self) -> Option<&[String]> {
         self.prefixes.as_deref()
     }
+
+    /// The pattern as configured (without the whole-value anchors).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
 }
 
 /// Literals every match of `pattern` starts with (regex-syntax's prefix extraction), cut to

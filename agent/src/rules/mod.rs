@@ -5,9 +5,13 @@
 //! Among the matching releases the smallest priority number wins; none matching means primary.
 //!
 //! Releases are compiled into an index keyed by one "anchor" matcher each (the rarest exact
-//! value, else a prefix, else a regex's literal prefixes), so a decision looks only at the
-//! releases that the request's headers can reach and costs in proportion to those headers, not
-//! to the number of releases.
+//! value, else the longest prefix, else a regex), so a decision looks only at the releases
+//! whose anchor holds for one of the request's headers and costs in proportion to those
+//! headers, not to the number of releases. The anchor regexes of a header form one
+//! multi-pattern automaton: one pass over the value finds every anchor regex that holds, so a
+//! common literal prefix (`team-` shared by hundreds of regexes) costs nothing per release.
+//! Compiling that automaton is control-plane work with a size cap; past the cap the header's
+//! regex releases fall back to their literal prefixes (candidates tried one by one).
 
 mod matcher;
 mod tags;
@@ -55,6 +59,65 @@ struct HeaderIndex {
     prefix: HashMap<String, Vec<u32>>,
     /// Distinct prefix lengths in `prefix`, so a lookup tries only lengths that exist.
     prefix_lens: Vec<usize>,
+    /// Releases anchored on one of their regexes on this header.
+    regexes: Option<RegexIndex>,
+}
+
+/// The anchor regexes of one header as one multi-pattern automaton: a single pass over a value
+/// finds every anchor regex that holds for it, instead of running them one by one.
+#[derive(Debug)]
+struct RegexIndex {
+    /// Pattern i is the whole-value form of the i-th distinct anchor regex.
+    set: regex_automata::meta::Regex,
+    /// Pattern -> the releases anchored on it, in rank order.
+    ranks: Vec<Vec<u32>>,
+}
+
+/// The compiled set of one header's anchor regexes may not exceed this (the program; the lazy
+/// DFA's cache per thread is capped by `REGEX_SET_CACHE`). Past it, the header's regex releases
+/// are filed under their literal prefixes, or tried for every request, as single regexes.
+const REGEX_SET_LIMIT: usize = 16 << 20;
+const REGEX_SET_CACHE: usize = 1 << 20;
+
+impl RegexIndex {
+    /// `anchors`: (regex, rank) in rank order.
+    fn build(anchors: &[(&WholeValueRegex, u32)], limit: usize) -> Option<RegexIndex> {
+        use regex_automata::{MatchKind, meta::Regex, nfa::thompson::WhichCaptures};
+        let mut patterns: Vec<String> = Vec::new();
+        let mut ranks: Vec<Vec<u32>> = Vec::new();
+        let mut by_source: HashMap<&str, usize> = HashMap::new();
+        for &(regex, rank) in anchors {
+            let id = *by_source.entry(regex.source()).or_insert_with(|| {
+                patterns.push(format!("^(?:{})$", regex.source()));
+                ranks.push(Vec::new());
+                patterns.len() - 1
+            });
+            ranks[id].push(rank);
+        }
+        let set = Regex::builder()
+            .configure(
+                Regex::config()
+                    .match_kind(MatchKind::All)
+                    .which_captures(WhichCaptures::Implicit)
+                    .nfa_size_limit(Some(limit))
+                    .dfa_size_limit(Some(limit))
+                    .hybrid_cache_capacity(REGEX_SET_CACHE),
+            )
+            .build_many(&patterns)
+            .ok()?;
+        Some(RegexIndex { set, ranks })
+    }
+
+    /// Calls `consider` with the releases of every anchor regex that holds for `value`.
+    fn for_each_holding(&self, value: &str, consider: &mut impl FnMut(&[u32])) {
+        use regex_automata::{Anchored, Input, PatternSet};
+        let mut holding = PatternSet::new(self.ranks.len());
+        self.set
+            .which_overlapping_matches(&Input::new(value).anchored(Anchored::Yes), &mut holding);
+        for pattern in holding.iter() {
+            consider(&self.ranks[pattern.as_usize()]);
+        }
+    }
 }
 
 /// Header -> exact value -> how many releases require it.
@@ -92,6 +155,14 @@ impl Ruleset {
     pub(crate) fn from_parsed<'r>(
         releases: impl IntoIterator<Item = (&'r Release, Matchers)>,
     ) -> Ruleset {
+        Ruleset::with_regex_set_limit(releases, REGEX_SET_LIMIT)
+    }
+
+    /// `from_parsed`, the regex sets capped at `limit` bytes (the tests' way to the fallback).
+    fn with_regex_set_limit<'r>(
+        releases: impl IntoIterator<Item = (&'r Release, Matchers)>,
+        limit: usize,
+    ) -> Ruleset {
         let mut sorted: Vec<(&Release, Matchers)> = releases.into_iter().collect();
         sorted.sort_by(|(a, _), (b, _)| rank_order(a, b));
         let mut frequency: Frequency = HashMap::new();
@@ -107,6 +178,8 @@ impl Ruleset {
             }
         }
         let mut ruleset = Ruleset::default();
+        // Header -> (anchor regex, rank) of the releases anchored on a regex there.
+        let mut regex_anchors: HashMap<String, Vec<(WholeValueRegex, u32)>> = HashMap::new();
         for (rank, (release, matchers)) in sorted.into_iter().enumerate() {
             let rank = rank as u32;
             let compiled = CompiledRelease {
@@ -115,21 +188,49 @@ impl Ruleset {
                 matchers,
                 targets: release.targets.clone(),
             };
-            ruleset.add_to_index(rank, &compiled, &frequency);
+            if let Some((header, regex)) = ruleset.add_to_index(rank, &compiled, &frequency) {
+                regex_anchors.entry(header).or_default().push((regex, rank));
+            }
             ruleset.by_name.insert(compiled.name.clone(), rank);
             ruleset.releases.push(compiled);
+        }
+        for (header, anchors) in regex_anchors {
+            let borrowed: Vec<(&WholeValueRegex, u32)> =
+                anchors.iter().map(|(regex, rank)| (regex, *rank)).collect();
+            match RegexIndex::build(&borrowed, limit) {
+                Some(set) => ruleset.index.entry(header).or_default().regexes = Some(set),
+                None => {
+                    for (regex, rank) in &anchors {
+                        ruleset.add_by_literals(&header, regex, *rank);
+                    }
+                }
+            }
         }
         for header in ruleset.index.values_mut() {
             header.prefix_lens.sort_unstable();
             header.prefix_lens.dedup();
         }
+        // Fallback filing may have added ranks out of order.
+        ruleset.unanchored.sort_unstable();
+        for header in ruleset.index.values_mut() {
+            for list in header.prefix.values_mut() {
+                list.sort_unstable();
+                list.dedup();
+            }
+        }
         ruleset
     }
 
     /// Files the release under one anchor: the exact value that the fewest releases require
-    /// (`frequency`), else its longest prefix, else the literal prefixes of one of its
-    /// regexes; a release with none of these is a candidate for every request.
-    fn add_to_index(&mut self, rank: u32, release: &CompiledRelease, frequency: &Frequency) {
+    /// (`frequency`), else its longest prefix. A release with neither is returned with its
+    /// first regex (header, regex), for the header's regex set; one without any matcher is a
+    /// candidate for every request.
+    fn add_to_index(
+        &mut self,
+        rank: u32,
+        release: &CompiledRelease,
+        frequency: &Frequency,
+    ) -> Option<(String, WholeValueRegex)> {
         let conditions = &release.matchers.conditions;
         let exact = conditions
             .iter()
@@ -150,30 +251,40 @@ impl Ruleset {
                 .entry(value.clone())
                 .or_default()
                 .push(rank);
-            return;
+            return None;
         }
-        let prefixes = conditions
+        let prefix = conditions
             .iter()
             .filter_map(|c| match &c.test {
-                Test::Prefix(p) => Some((c, vec![p.as_str()])),
+                Test::Prefix(p) => Some((c, p)),
                 _ => None,
             })
-            .max_by_key(|(_, p)| p[0].len())
-            .or_else(|| {
-                // A regex's literals: every value it accepts starts with one of them.
-                conditions
-                    .iter()
-                    .find_map(|c| Some((c, c.test.prefixes().filter(|l| l.len() <= 16)?)))
-            });
-        match prefixes {
-            Some((condition, literals)) => {
-                let index = self.index.entry(condition.header.clone()).or_default();
+            .max_by_key(|(_, p)| p.len());
+        if let Some((condition, prefix)) = prefix {
+            let index = self.index.entry(condition.header.clone()).or_default();
+            index.prefix.entry(prefix.clone()).or_default().push(rank);
+            index.prefix_lens.push(prefix.len());
+            return None;
+        }
+        let regex = conditions.iter().find_map(|c| match &c.test {
+            Test::Regex(r) => Some((c.header.clone(), r.clone())),
+            _ => None,
+        });
+        if regex.is_none() {
+            self.unanchored.push(rank);
+        }
+        regex
+    }
+
+    /// Files a regex release whose header has no regex set under the regex's literal
+    /// prefixes (every value it accepts starts with one), else as a candidate for every
+    /// request.
+    fn add_by_literals(&mut self, header: &str, regex: &WholeValueRegex, rank: u32) {
+        match regex.prefixes().filter(|literals| literals.len() <= 16) {
+            Some(literals) => {
+                let index = self.index.entry(header.to_string()).or_default();
                 for literal in literals {
-                    let list = index.prefix.entry(literal.to_string()).or_default();
-                    // Two literals of one regex may share a key.
-                    if list.last() != Some(&rank) {
-                        list.push(rank);
-                    }
+                    index.prefix.entry(literal.clone()).or_default().push(rank);
                     index.prefix_lens.push(literal.len());
                 }
             }
@@ -213,6 +324,9 @@ impl Ruleset {
                 {
                     consider(candidates);
                 }
+            }
+            if let Some(regexes) = &index.regexes {
+                regexes.for_each_holding(value, &mut consider);
             }
         });
         consider(&self.unanchored);

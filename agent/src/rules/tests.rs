@@ -228,6 +228,111 @@ proptest! {
     }
 }
 
+// --- the same on larger mixed sets: regexes sharing a literal prefix (one regex set per
+// header), regexes without one, repeated sources, and the fallback without regex sets ---
+
+const MIXED_VALUES: [&str; 6] = ["t-1", "t-12", "t-2", "u-1", "t-", "1"];
+const MIXED_REGEXES: [&str; 8] = [
+    "t-[0-9]*1",
+    "t-[0-9]*2",
+    "t-1[0-9]?",
+    ".*1",
+    "(t|u)-1",
+    "[a-z]-[0-9]+",
+    "t-.*",
+    "(?:u-)?1",
+];
+
+fn arb_mixed_matcher() -> impl Strategy<Value = Matcher> {
+    (
+        0..HEADERS.len(),
+        0..MIXED_VALUES.len(),
+        0..MIXED_REGEXES.len(),
+        0..4u8,
+    )
+        .prop_map(|(h, v, r, kind)| {
+            let (header, value) = (HEADERS[h], MIXED_VALUES[v]);
+            match kind {
+                0 => exact(header, value),
+                1 => prefix(header, &value[..value.len().min(2)]),
+                _ => regex(header, MIXED_REGEXES[r]),
+            }
+        })
+}
+
+fn arb_mixed_release(i: usize) -> impl Strategy<Value = Release> {
+    (
+        1..20u32,
+        prop::collection::vec(arb_mixed_matcher(), 1..3),
+        0..4u8,
+    )
+        .prop_map(move |(priority, matchers, share)| {
+            let mut r = release(&format!("r{i}"), priority, matchers);
+            if share == 0 {
+                r.percent = Some(50.0);
+                r.hash_by = Some("u".into());
+            }
+            r
+        })
+}
+
+fn arb_mixed_request() -> impl Strategy<Value = Vec<(String, String)>> {
+    prop::collection::vec(
+        (0..HEADERS.len() + 1, 0..MIXED_VALUES.len()).prop_map(|(h, v)| {
+            let name = HEADERS.get(h).copied().unwrap_or("u");
+            (name.to_string(), MIXED_VALUES[v].to_string())
+        }),
+        0..6,
+    )
+}
+
+proptest! {
+    #[test]
+    fn decide_on_mixed_sets_agrees_with_brute_force(
+        releases in (1..40usize).prop_flat_map(|n| (0..n).map(arb_mixed_release).collect::<Vec<_>>()),
+        requests in prop::collection::vec(arb_mixed_request(), 1..8),
+    ) {
+        let config = Config { releases: releases.clone(), ..Config::default() };
+        let parsed = || {
+            config.releases.iter().map(|r| (r, Matchers::parse(r).unwrap())).collect::<Vec<_>>()
+        };
+        let with_sets = Ruleset::from_parsed(parsed());
+        let without_sets = Ruleset::with_regex_set_limit(parsed(), 1);
+        for request in requests {
+            let oracle = oracle_decide(&releases, &request);
+            let tags = HeaderPairs::new(request);
+            prop_assert_eq!(with_sets.decide(&tags).map(|r| r.name.to_string()), oracle.clone());
+            prop_assert_eq!(without_sets.decide(&tags).map(|r| r.name.to_string()), oracle);
+        }
+    }
+}
+
+#[test]
+fn a_regex_set_past_its_limit_falls_back_to_single_regexes() {
+    let releases = vec![
+        release("a", 1, vec![regex("x", "t-[0-9]*1")]),
+        release("b", 2, vec![regex("x", ".*2")]),
+    ];
+    let config = Config {
+        releases,
+        ..Config::default()
+    };
+    let parsed = config
+        .releases
+        .iter()
+        .map(|r| (r, Matchers::parse(r).unwrap()));
+    let rules = Ruleset::with_regex_set_limit(parsed, 1);
+    assert!(rules.index.values().all(|h| h.regexes.is_none()));
+    assert_eq!(rules.unanchored, vec![1], "`.*2` has no literal prefix");
+    let tags = |v: &str| HeaderPairs::new([("x", v)]);
+    assert_eq!(rules.decide(&tags("t-31")).map(|r| &*r.name), Some("a"));
+    assert_eq!(rules.decide(&tags("t-32")).map(|r| &*r.name), Some("b"));
+    assert_eq!(rules.decide(&tags("t-3")).map(|r| &*r.name), None);
+    let with_sets = ruleset(config.releases.clone());
+    assert!(with_sets.index["x"].regexes.is_some());
+    assert!(with_sets.unanchored.is_empty());
+}
+
 /// Straight from the definition, on the uncompiled releases: the matching release with the
 /// smallest (priority, name).
 fn oracle_decide(releases: &[Release], request: &[(String, String)]) -> Option<String> {
