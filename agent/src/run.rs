@@ -141,6 +141,7 @@ impl Applier {
     fn apply(&self, config: Result<Config>, origin: &str) -> Result<()> {
         let result = config.and_then(|config| self.try_apply(config, origin));
         self.metrics.reload(result.is_ok());
+        self.admin.applied(origin, &result);
         match &result {
             Ok(()) => self.admin.synced.store(true, Ordering::Relaxed),
             Err(err) => {
@@ -169,6 +170,7 @@ impl Applier {
         let retired = snapshot.retired_routes(&previous);
         self.state.store(Arc::new(snapshot));
         self.metrics.forget(&retired);
+        self.metrics.forget_edges(&previous, &self.state.load());
         info!(source = origin, "configuration applied");
         Ok(())
     }
@@ -326,11 +328,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     let state = Arc::new(ArcSwap::from_pointee(snapshot));
     let metrics = Arc::new(Metrics::default());
+    metrics.datapath_attached(originals.is_some());
     let admin = Arc::new(Admin {
         state: state.clone(),
         metrics: metrics.clone(),
         ready: false.into(),
         synced: kubernetes.is_none().into(),
+        rejected: Mutex::default(),
     });
     let applier = Applier {
         own_addresses: own_addresses.clone(),

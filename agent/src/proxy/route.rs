@@ -35,6 +35,8 @@ pub struct Route<'s> {
     pub from_outside: bool,
     /// The release to stamp on the request before it is forwarded.
     pub stamp: Option<&'s str>,
+    /// The rules decided here (no stamp was honoured): counted as the release's traffic.
+    pub decided: bool,
 }
 
 /// Decides the route of `request`. `connected` is the service the client's connection was
@@ -53,19 +55,19 @@ pub fn route<'s, B>(
     };
     let headers: &HeaderMap = request.headers();
     let inside_mesh = listener == Listener::Redirect && connected.is_some();
-    let (release, from_outside, stamp) = if !inside_mesh {
+    let (release, from_outside, stamp, decided) = if !inside_mesh {
         let release = snapshot.rules.decide(headers);
-        (release, true, release)
+        (release, true, release, true)
     } else {
         match stamp::read(headers) {
             // Retired: primary, and the stamp is left as it came.
             Some(name) => match snapshot.rules.get(name) {
-                Some(release) => (Some(release), false, Some(release)),
-                None => (None, false, None),
+                Some(release) => (Some(release), false, Some(release), false),
+                None => (None, false, None, false),
             },
             None => {
                 let release = snapshot.rules.decide(headers);
-                (release, false, release)
+                (release, false, release, true)
             }
         }
     };
@@ -75,6 +77,7 @@ pub fn route<'s, B>(
         release,
         from_outside,
         stamp: stamp.map(|r| &*r.name),
+        decided,
     })
 }
 
