@@ -186,7 +186,7 @@ impl Default for Metrics {
         registry.register(
             "decisions",
             "Requests whose release this agent decided (the first mesh hop; later hops honour \
-             the stamp), by release (empty: none)",
+             the stamp), by release; empty: none, counted where it entered from outside the mesh",
             decisions.clone(),
         );
         let datapath_attached = Gauge::default();
@@ -215,6 +215,29 @@ impl Default for Metrics {
             "Canary releases of the configuration in force",
             releases_in_force.clone(),
         );
+        // Series that exist from the start at 0, so that a rate over them is 0 rather than
+        // absent (and dashboards find them before the first event).
+        for result in ["applied", "rejected"] {
+            reloads.get_or_create_owned(&ReloadLabels {
+                result: result.to_string(),
+            });
+        }
+        for result in ["written", "failed"] {
+            status_writes.get_or_create_owned(&ResultLabels {
+                result: result.to_string(),
+            });
+        }
+        // `ProxyError::label`'s values.
+        for reason in [
+            "no_service",
+            "unknown_service",
+            "no_endpoint",
+            "connect_failed",
+            "upstream_failed",
+            "timeout",
+        ] {
+            request_errors.get_or_create_owned(&ReasonLabels { reason });
+        }
         Metrics {
             registry: Mutex::new(registry),
             datapath_attached,
@@ -408,6 +431,13 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    /// A watch of `kind` starts: its error series exists from now on, at 0.
+    pub fn watching(&self, kind: &str) {
+        self.watch_errors.get_or_create_owned(&KindLabels {
+            kind: kind.to_string(),
+        });
     }
 
     pub fn watch_error(&self, kind: &str) {

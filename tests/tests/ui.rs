@@ -225,3 +225,124 @@ fn the_page_is_embedded_and_loads_nothing_from_elsewhere() {
     }
     assert!(!page.body.contains("https://") && !page.body.contains("http://"));
 }
+
+/// Every `steer_*` metric name in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("steer_") {
+        let before = rest[..at].chars().last();
+        let len = rest[at..].find(|c| !is_name(c)).unwrap_or(rest.len() - at);
+        if !before.is_some_and(is_name) {
+            names.push(rest[at..at + len].to_string());
+        }
+        rest = &rest[at + len..];
+    }
+    names
+}
+
+fn exprs(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("expr", serde_json::Value::String(expr)) => out.push(expr.clone()),
+                    ("query", serde_json::Value::Object(q)) => {
+                        if let Some(serde_json::Value::String(query)) = q.get("query") {
+                            out.push(query.clone());
+                        }
+                    }
+                    _ => exprs(value, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// The sample names a `/metrics` scrape can have: those present, and those its `# TYPE`
+/// lines declare (a family with no series yet has only those).
+fn exported(scrape: &str) -> std::collections::HashSet<String> {
+    let mut names = std::collections::HashSet::new();
+    for line in scrape.lines() {
+        if let Some(declared) = line.strip_prefix("# TYPE ") {
+            let mut parts = declared.split_whitespace();
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        } else if !line.starts_with('#') {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            names.insert(line[..end].to_string());
+        }
+    }
+    names
+}
+
+#[test]
+fn every_metric_the_grafana_board_queries_is_exported() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/steer.json");
+    let board: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut queries = Vec::new();
+    exprs(&board, &mut queries);
+    let queried: std::collections::BTreeSet<String> =
+        queries.iter().flat_map(|q| metric_names(q)).collect();
+    // The board covers what issue 13 asks for.
+    for wanted in [
+        "steer_requests_total",
+        "steer_request_duration_seconds_bucket",
+        "steer_edge_requests_total",
+        "steer_decisions_total",
+        "steer_request_errors_total",
+        "steer_config_reloads_total",
+        "steer_kubernetes_releases",
+        "steer_datapath_attached",
+        "steer_redirected_connections_total",
+    ] {
+        assert!(queried.contains(wanted), "the board does not show {wanted}");
+    }
+
+    let scenario = food_delivery();
+    scenario.request("order", &[ATLANTIS]).unwrap();
+    let scrape = http::get(scenario.admin, "/metrics", &[]).unwrap().body;
+    // The Kubernetes source's metrics come from an agent that reads a cluster.
+    let cluster = Scenario::deploy_kubernetes(
+        &fixture("food-delivery.yaml"),
+        &[("order", &["restaurant"]), ("restaurant", &["delivery"])],
+        Node::new().unwrap(),
+    )
+    .unwrap();
+    let cluster_scrape = http::get(cluster.admin, "/metrics", &[]).unwrap().body;
+    let mut exported = exported(&scrape);
+    exported.extend(self::exported(&cluster_scrape));
+    let missing: Vec<&String> = queried.iter().filter(|n| !exported.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "the board queries metrics the agent does not export: {missing:?}"
+    );
+    // And the agent really counts the edges the board shows.
+    assert!(
+        scrape.contains(r#"steer_edge_requests_total{from_service="restaurant",from_version="v1",service="delivery",version="v2-green",release="green",code="2xx"} 1"#),
+        "{scrape}"
+    );
+    assert!(scrape.contains("steer_datapath_attached 1"), "{scrape}");
+}
+
+#[test]
+fn metric_names_are_found_in_promql() {
+    assert_eq!(
+        metric_names(
+            r#"histogram_quantile(0.99, sum by (le) (rate(steer_request_duration_seconds_bucket{service=~"$service"}[5m]))) / steer_x"#
+        ),
+        ["steer_request_duration_seconds_bucket", "steer_x"]
+    );
+    assert!(metric_names("sum(my_steer_thing)").is_empty());
+}

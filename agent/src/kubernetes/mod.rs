@@ -289,6 +289,7 @@ where
 {
     let (store, writer): (Store<K>, Writer<K>) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).to_string();
+    metrics.watching(&kind);
     let changed = changed.clone();
     let metrics = metrics.clone();
     let events = stream.default_backoff().reflect(writer);

@@ -75,7 +75,9 @@ impl Edges {
         caller: u32,
         status: StatusCode,
     ) {
-        if route.decided {
+        // A request of no release carries no stamp, so every hop decides it again: it is
+        // counted where it enters the mesh (from outside) only.
+        if route.decided && (route.release.is_some() || caller == 0) {
             self.decisions.inc();
         }
         self.by_caller

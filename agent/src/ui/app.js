@@ -98,7 +98,7 @@ function renderReleases() {
   }
   body.append(el("tr", { "data-release": "" },
     el("td", {}), el("td", {}, el("span", { class: "swatch", style: `background:${PRIMARY}` }), "none"),
-    el("td", { class: "note", colspan: "4" }, "requests no release matches: primary versions on every hop"),
+    el("td", { class: "note", colspan: "4" }, "requests from outside the mesh that no release matches: primary versions on every hop"),
     el("td", { class: "num rate", "data-rate": String(state.unreleasedRate) }, rate(state.unreleasedRate))));
   const warnings = document.getElementById("warnings");
   warnings.replaceChildren(...state.warnings.map((w) => el("li", {}, w)));
