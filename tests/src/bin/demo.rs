@@ -279,7 +279,7 @@ fn screenshot(root: &Path, out: &Path) -> Result<()> {
     let (_scenario, url) = live(root)?;
     // Rates are over the last ten seconds: let the window fill.
     std::thread::sleep(Duration::from_secs(11));
-    browser::screenshot(&url, out, 1280, 900)?;
+    browser::screenshot(&url, out, 1280, 1240)?;
     println!("demo: wrote {}", out.display());
     Ok(())
 }
