@@ -1,11 +1,11 @@
 //! Prometheus metrics. Labels are bounded by the configuration (service, version and release
 //! names, a status class): never a raw tag value or a client address.
 
-use std::{cell::OnceCell, sync::Mutex, time::Duration};
+use std::{cell::OnceCell, collections::HashMap, sync::Mutex, time::Duration};
 
 use http::StatusCode;
 
-use crate::state::Route;
+use crate::state::{Route, Snapshot};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -40,6 +40,36 @@ pub struct Metrics {
     status_writes: Family<ResultLabels, Counter>,
     status_writer: Gauge,
     releases: Family<StateLabels, Gauge>,
+    edges: Family<EdgeLabels, Counter>,
+    /// Every edge series made, for the live page's rates (made once per worker and edge, so
+    /// the lock is off the request path).
+    edge_series: Mutex<HashMap<EdgeLabels, Counter>>,
+    decisions: Family<DecisionLabels, Counter>,
+    datapath_attached: Gauge,
+    redirected: Counter,
+    not_redirected: Counter,
+    releases_in_force: Gauge,
+}
+
+/// A request from one version to another under a release: the live page's edges.
+/// `from_service` and `from_version` are empty for a caller outside the mesh (the gateway, or
+/// a pod that is no version of a mesh service).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EdgeLabels {
+    pub from_service: String,
+    pub from_version: String,
+    pub service: String,
+    pub version: String,
+    pub release: String,
+    /// 2xx, 3xx, 4xx or 5xx.
+    pub code: String,
+}
+
+/// The release a request was scheduled to where the decision was made (not carried by a
+/// stamp); empty for none.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub release: String,
 }
 
 /// Why a request could not be proxied (`ProxyError::label`).
@@ -145,8 +175,78 @@ impl Default for Metrics {
             "CanaryReleases by state in the latest translation",
             releases.clone(),
         );
+        let edges = Family::<EdgeLabels, Counter>::default();
+        registry.register(
+            "edge_requests",
+            "Requests from one version (empty: outside the mesh) to another, by release and \
+             status class",
+            edges.clone(),
+        );
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Requests whose release this agent decided (the first mesh hop; later hops honour \
+             the stamp), by release; empty: none, counted where it entered from outside the mesh",
+            decisions.clone(),
+        );
+        let datapath_attached = Gauge::default();
+        registry.register(
+            "datapath_attached",
+            "1 while the eBPF programs are attached (0: --no-ebpf; pods reach services the \
+             cluster's usual way)",
+            datapath_attached.clone(),
+        );
+        let redirected = Counter::default();
+        registry.register(
+            "redirected_connections",
+            "Connections on the redirect listener whose original service the datapath knew",
+            redirected.clone(),
+        );
+        let not_redirected = Counter::default();
+        registry.register(
+            "unredirected_connections",
+            "Connections on the redirect listener the datapath did not redirect (treated as \
+             from outside the mesh)",
+            not_redirected.clone(),
+        );
+        let releases_in_force = Gauge::default();
+        registry.register(
+            "releases_in_force",
+            "Canary releases of the configuration in force",
+            releases_in_force.clone(),
+        );
+        // Series that exist from the start at 0, so that a rate over them is 0 rather than
+        // absent (and dashboards find them before the first event).
+        for result in ["applied", "rejected"] {
+            reloads.get_or_create_owned(&ReloadLabels {
+                result: result.to_string(),
+            });
+        }
+        for result in ["written", "failed"] {
+            status_writes.get_or_create_owned(&ResultLabels {
+                result: result.to_string(),
+            });
+        }
+        // `ProxyError::label`'s values.
+        for reason in [
+            "no_service",
+            "unknown_service",
+            "no_endpoint",
+            "connect_failed",
+            "upstream_failed",
+            "timeout",
+        ] {
+            request_errors.get_or_create_owned(&ReasonLabels { reason });
+        }
         Metrics {
             registry: Mutex::new(registry),
+            datapath_attached,
+            redirected,
+            not_redirected,
+            releases_in_force,
+            edges,
+            edge_series: Mutex::default(),
+            decisions,
             requests,
             latency,
             request_errors,
@@ -216,6 +316,99 @@ impl Metrics {
         }
     }
 
+    /// The series of requests from `from` ((service, version); `None`: outside the mesh) along
+    /// a route, resolved once per worker so a request builds no label.
+    pub fn edge_series(
+        &self,
+        from: Option<(&str, &str)>,
+        service: &str,
+        version: &str,
+        release: Option<&str>,
+    ) -> EdgeSeries {
+        let (from_service, from_version) = from.unwrap_or(("", ""));
+        EdgeSeries {
+            labels: EdgeLabels {
+                from_service: from_service.to_string(),
+                from_version: from_version.to_string(),
+                service: service.to_string(),
+                version: version.to_string(),
+                release: release.unwrap_or("").to_string(),
+                code: String::new(),
+            },
+            by_class: Default::default(),
+        }
+    }
+
+    fn edge_counter(&self, labels: EdgeLabels) -> Counter {
+        let counter = self.edges.get_or_create_owned(&labels);
+        self.edge_series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(labels, counter.clone());
+        counter
+    }
+
+    /// The counter of requests decided for `release`.
+    pub fn decisions(&self, release: Option<&str>) -> Counter {
+        self.decisions.get_or_create_owned(&DecisionLabels {
+            release: release.unwrap_or("").to_string(),
+        })
+    }
+
+    /// Every edge series with its count so far.
+    pub fn edge_counts(&self) -> Vec<(EdgeLabels, u64)> {
+        let series = self.edge_series.lock().unwrap_or_else(|e| e.into_inner());
+        series.iter().map(|(l, c)| (l.clone(), c.get())).collect()
+    }
+
+    /// Drops the edge and decision series of versions and releases `current` no longer has
+    /// (`previous` was in force before it).
+    pub fn forget_edges(&self, previous: &Snapshot, current: &Snapshot) {
+        let has_version = |service: &str, version: &str| {
+            current
+                .service(service)
+                .is_some_and(|s| s.versions.iter().any(|v| &*v.name == version))
+        };
+        let has_release =
+            |release: &str| release.is_empty() || current.rules.get(release).is_some();
+        let mut series = self.edge_series.lock().unwrap_or_else(|e| e.into_inner());
+        series.retain(|labels, _| {
+            let kept = (labels.from_service.is_empty()
+                || has_version(&labels.from_service, &labels.from_version))
+                && has_version(&labels.service, &labels.version)
+                && has_release(&labels.release);
+            if !kept {
+                self.edges.remove(labels);
+            }
+            kept
+        });
+        for release in previous.rules.releases() {
+            if !has_release(&release.name) {
+                self.decisions.remove(&DecisionLabels {
+                    release: release.name.to_string(),
+                });
+            }
+        }
+    }
+
+    pub fn datapath_attached(&self, attached: bool) {
+        self.datapath_attached.set(i64::from(attached));
+    }
+
+    /// A connection on the redirect listener, with or without an original destination.
+    pub fn redirect(&self, known: bool) {
+        if known {
+            self.redirected.inc();
+        } else {
+            self.not_redirected.inc();
+        }
+    }
+
+    pub fn releases_in_force(&self, count: usize) {
+        self.releases_in_force
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
     pub fn request_error(&self, reason: &'static str) {
         self.request_errors
             .get_or_create(&ReasonLabels { reason })
@@ -238,6 +431,13 @@ impl Metrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    /// A watch of `kind` starts: its error series exists from now on, at 0.
+    pub fn watching(&self, kind: &str) {
+        self.watch_errors.get_or_create_owned(&KindLabels {
+            kind: kind.to_string(),
+        });
     }
 
     pub fn watch_error(&self, kind: &str) {
@@ -307,10 +507,31 @@ impl RouteSeries {
     }
 }
 
+/// The requests along one edge, by status class (made on first use).
+pub struct EdgeSeries {
+    /// `code` is filled in per class.
+    labels: EdgeLabels,
+    by_class: [OnceCell<Counter>; 5],
+}
+
+impl EdgeSeries {
+    pub fn observe(&self, metrics: &Metrics, status: StatusCode) {
+        let class = (status.as_u16() / 100).clamp(1, 5);
+        self.by_class[usize::from(class - 1)]
+            .get_or_init(|| {
+                metrics.edge_counter(EdgeLabels {
+                    code: status_class(class),
+                    ..self.labels.clone()
+                })
+            })
+            .inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::Config, state::Snapshot};
+    use crate::config::Config;
 
     fn food_delivery() -> Config {
         let path = concat!(

@@ -184,6 +184,7 @@ impl Applier {
     ) -> Result<()> {
         let result = config.and_then(|(config, report)| self.try_apply(config, report, origin));
         self.metrics.reload(result.is_ok());
+        self.admin.applied(origin, &result);
         match &result {
             Ok(()) => self.admin.synced.store(true, Ordering::Relaxed),
             Err(err) => {
@@ -212,6 +213,7 @@ impl Applier {
         let retired = snapshot.retired_routes(&previous);
         self.state.store(Arc::new(snapshot));
         self.metrics.forget(&retired);
+        self.metrics.forget_edges(&previous, &self.state.load());
         info!(source = origin, "configuration applied");
         Ok(())
     }
@@ -369,11 +371,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
 
     let state = Arc::new(ArcSwap::from_pointee(snapshot));
     let metrics = Arc::new(Metrics::default());
+    metrics.datapath_attached(originals.is_some());
     let admin = Arc::new(Admin {
         state: state.clone(),
         metrics: metrics.clone(),
         ready: false.into(),
         synced: kubernetes.is_none().into(),
+        rejected: Mutex::default(),
     });
     let applier = Applier {
         own_addresses: own_addresses.clone(),

@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -33,6 +33,8 @@ pub struct Snapshot {
     by_name: foldhash::HashMap<Arc<str>, usize>,
     /// Service address -> index in `services`.
     by_address: foldhash::HashMap<SocketAddr, usize>,
+    /// Who calls: see `Callers`.
+    pub callers: Callers,
 }
 
 /// One service as the request path needs it: names shared (`Arc<str>`), so a request clones
@@ -236,6 +238,7 @@ impl Snapshot {
             Snapshot {
                 config,
                 rules,
+                callers: Callers::of(&services),
                 services,
                 by_name,
                 by_address,
@@ -346,5 +349,45 @@ impl Snapshot {
             version,
             reason,
         })
+    }
+}
+
+/// The versions a caller can be, found by the address of its pod (the peer of a redirected
+/// connection): resolved once per connection, and counted by a small number, not by name.
+/// Caller 0 is outside the mesh (the gateway, or a pod that is no version of a mesh service).
+#[derive(Debug, Default)]
+pub struct Callers {
+    /// (service, version) of caller `i + 1`.
+    versions: Vec<(Arc<str>, Arc<str>)>,
+    by_ip: foldhash::HashMap<IpAddr, u32>,
+}
+
+impl Callers {
+    fn of(services: &[ServiceRoutes]) -> Callers {
+        let mut callers = Callers::default();
+        for service in services {
+            for version in &service.versions {
+                callers
+                    .versions
+                    .push((service.name.clone(), version.name.clone()));
+                let id = callers.versions.len() as u32;
+                for endpoint in version.endpoints.iter() {
+                    // A pod in two versions is ambiguous: the first keeps it.
+                    callers.by_ip.entry(endpoint.address.ip()).or_insert(id);
+                }
+            }
+        }
+        callers
+    }
+
+    /// The caller whose pod has address `ip`; 0 if none.
+    pub fn at(&self, ip: IpAddr) -> u32 {
+        self.by_ip.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// (service, version) of caller `id`; `None` for 0 (outside the mesh).
+    pub fn get(&self, id: u32) -> Option<(&Arc<str>, &Arc<str>)> {
+        let (service, version) = self.versions.get((id as usize).checked_sub(1)?)?;
+        Some((service, version))
     }
 }

@@ -3,6 +3,7 @@
 //! small HTTP client ([`http`]) and a small Kubernetes API server ([`apiserver`]).
 
 pub mod apiserver;
+pub mod browser;
 pub mod http;
 pub mod node;
 pub mod scenario;

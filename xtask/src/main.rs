@@ -34,16 +34,25 @@ enum Task {
         /// Run only this scenario: food-delivery, order-email or abz.
         #[arg(long)]
         scenario: Option<String>,
+        /// Afterwards keep a food-delivery node running with traffic, print the address of the
+        /// agent's live page, and wait for Ctrl-C.
+        #[arg(long)]
+        stay: bool,
     },
+    /// Regenerate the README's picture of the live page (agent/src/ui/screenshot.png) from the
+    /// demo's node and traffic, with headless chromium.
+    Screenshot,
 }
 
 /// Debian packages the tests and the demo use, by the command that proves each is installed.
-const PACKAGES: [(&str, &str); 5] = [
+const PACKAGES: [(&str, &str); 6] = [
     ("ip", "iproute2"),
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
     ("curl", "curl"),
     ("mount", "mount"),
+    // The live page's browser tests and screenshot (headless).
+    ("chromium", "chromium"),
 ];
 /// What only the benchmarks use: the proxies steer is compared with.
 const BENCH_PACKAGES: [(&str, &str); 2] = [("nginx", "nginx-light"), ("haproxy", "haproxy")];
@@ -63,7 +72,7 @@ fn main() -> Result<()> {
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             cargo(&["test", "--no-fail-fast"])?;
             // A smoke run of the main job: it fails on any wrong path.
-            demo(None)?;
+            demo(None, &[])?;
             // The proxy bench with tiny loads, so that it cannot rot: every path runs and gives
             // figures; no timing is checked. demo() built steer next to it.
             install_missing(&BENCH_PACKAGES)?;
@@ -77,9 +86,14 @@ fn main() -> Result<()> {
                 "--smoke",
             ])
         }
-        Task::Demo { scenario } => {
+        Task::Demo { scenario, stay } => {
             setup()?;
-            demo(scenario.as_deref())
+            demo(scenario.as_deref(), if stay { &["--stay"] } else { &[] })
+        }
+        Task::Screenshot => {
+            setup()?;
+            let out = workspace_root().join("agent/src/ui/screenshot.png");
+            demo(None, &["--screenshot", &out.display().to_string()])
         }
         Task::Profile => {
             setup()?;
@@ -116,12 +130,15 @@ fn main() -> Result<()> {
 }
 
 /// Builds the agent, the demo service and the test bed's tools, then runs the scenarios.
-fn demo(only: Option<&str>) -> Result<()> {
+fn demo(only: Option<&str>, more: &[&str]) -> Result<()> {
     cargo(&["build", "--package", "steer", "--package", "steer-tests"])?;
-    let mut command = Command::new(workspace_root().join("target/debug/steer-demo"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    let mut command = Command::new(target.join("debug/steer-demo"));
     if let Some(scenario) = only {
         command.args(["--scenario", scenario]);
     }
+    command.args(more);
     run(&mut command)
 }
 

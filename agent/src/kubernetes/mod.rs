@@ -317,6 +317,7 @@ where
 {
     let (store, writer) = cache::cache();
     let kind = K::kind(&K::DynamicType::default()).to_string();
+    metrics.watching(&kind);
     let changed = changed.clone();
     let metrics = metrics.clone();
     let events = stream.default_backoff();

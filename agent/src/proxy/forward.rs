@@ -13,6 +13,7 @@ use super::{
     Listener,
     balance::pick,
     body::{PooledBody, ProxyBody},
+    edges::Caller,
     error::{ProxyError, fail_to_proxy},
     headers::{prepare_uri, remove_hop_by_hop},
     pool::Http1Conn,
@@ -28,6 +29,7 @@ pub async fn handle(
     listener: Listener,
     connected: Option<&Arc<str>>,
     drain: &Drain,
+    caller: &Caller,
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
@@ -64,6 +66,8 @@ pub async fn handle(
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     worker.observe(&entry, response.status(), started.elapsed());
+    let caller = caller.id(&snapshot);
+    (entry.edges).observe(metrics, &snapshot, &route, caller, response.status());
     // Internal names are for the mesh's own callers; outsiders see them only when asked for.
     if snapshot.config.debug_headers && (!route.from_outside || worker.shared.outside_debug_headers)
     {

@@ -16,6 +16,7 @@
 
 mod balance;
 mod body;
+mod edges;
 mod error;
 mod forward;
 mod headers;

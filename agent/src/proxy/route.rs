@@ -43,6 +43,8 @@ pub struct Route<'s> {
     pub strip_stamp: bool,
     /// The release to stamp on the request before it is forwarded.
     pub stamp: Option<&'s str>,
+    /// The rules decided here (no stamp was honoured): counted as the release's traffic.
+    pub decided: bool,
 }
 
 /// Decides the route of `request`. `connected` is the service the client's connection was
@@ -82,6 +84,7 @@ pub fn route<'s, B>(
         from_outside: !inside_mesh,
         strip_stamp: incoming.is_some() && verified.is_none(),
         stamp: stamp.map(|r| &*r.name),
+        decided: verified.is_none(),
     })
 }
 

@@ -23,8 +23,13 @@ use tracing::{debug, warn};
 
 use super::stamp::Stamp;
 use super::{
-    Listener, LocalExec, MAX_HEADER_BYTES, Shared, forward::handle, l4, pool::Pool,
-    pool::SWEEP_INTERVAL, route::Route,
+    Listener, LocalExec, MAX_HEADER_BYTES, Shared,
+    edges::{Caller, Edges},
+    forward::handle,
+    l4,
+    pool::Pool,
+    pool::SWEEP_INTERVAL,
+    route::Route,
 };
 use crate::{config::AppProtocol, drain::Drain, metrics::RouteSeries, state::Snapshot};
 
@@ -176,6 +181,8 @@ pub struct RouteEntry {
     pub stamp: Option<Stamp>,
     /// `x-steer-service`, `x-steer-version`, `x-steer-release`.
     pub debug_headers: [(HeaderName, Option<HeaderValue>); 3],
+    /// Requests along this route by caller, for the live page.
+    pub edges: Edges,
 }
 
 /// Route entries, for the snapshot they were resolved in.
@@ -228,6 +235,7 @@ impl Worker {
                 let value = |name: &str| HeaderValue::from_str(name).ok();
                 Rc::new(RouteEntry {
                     series: metrics.route_series(&route.service.name, &route.version.name, release),
+                    edges: Edges::new(metrics, release),
                     debug_headers: [
                         (
                             HeaderName::from_static("x-steer-service"),
@@ -412,15 +420,25 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     // The original destination is known only at accept time: the record is keyed by the peer.
     let original = match (kind, &worker.shared.originals) {
-        (Listener::Redirect, Some(originals)) => originals.take(peer),
+        (Listener::Redirect, Some(originals)) => {
+            let original = originals.take(peer);
+            worker.shared.metrics.redirect(original.is_some());
+            original
+        }
         _ => None,
     };
-    let (connected, declared) = match original
-        .and_then(|address| Some(worker.snapshot().service_at(address)?.clone_identity()))
-    {
-        Some((name, declared)) => (Some(name), declared),
-        None => (None, AppProtocol::Http),
-    };
+    let snapshot = worker.snapshot();
+    let (connected, declared) =
+        match original.and_then(|address| Some(snapshot.service_at(address)?.clone_identity())) {
+            Some((name, declared)) => (Some(name), declared),
+            None => (None, AppProtocol::Http),
+        };
+    // A redirected connection comes from a pod: which version it is, once per connection.
+    let caller = Rc::new(Caller::new(
+        connected.as_ref().map(|_| peer.ip()),
+        &snapshot,
+    ));
+    drop(snapshot);
     let protocol = match (declared, &connected) {
         // Unread, at once: the server may be the one to speak first.
         (AppProtocol::Tcp, _) => Protocol::Other,
@@ -441,8 +459,10 @@ async fn connection(
             let worker = worker.clone();
             let connected = connected.clone();
             let drain = drain.clone();
+            let caller = caller.clone();
             async move {
-                let response = handle(&worker, kind, connected.as_ref(), &drain, request).await;
+                let response =
+                    handle(&worker, kind, connected.as_ref(), &drain, &caller, request).await;
                 Ok::<_, Infallible>(response)
             }
         })

@@ -6,8 +6,13 @@
 //! request took and its release, checked against `steer explain`'s answer hop by hop. The food
 //! delivery scenario then edits the rules live. Everything is removed afterwards, also on
 //! Ctrl-C; a wrong path fails the demo.
+//!
+//! `--stay` then deploys the food-delivery scenario once more with traffic flowing, prints the
+//! address of the agent's live page and keeps the node running until Ctrl-C. `--screenshot
+//! FILE` does the same without the scenarios and writes a PNG of the page (headless chromium).
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -17,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use steer::{config::Config, rules::HeaderPairs, state::Snapshot};
 use steer_tests::{
-    Node,
+    Node, browser, http,
     scenario::{Hop, Scenario, remap},
 };
 
@@ -205,6 +210,78 @@ struct Args {
     /// Run only this scenario: food-delivery, order-email or abz.
     #[arg(long)]
     scenario: Option<String>,
+    /// Afterwards, keep the food-delivery node running with traffic flowing, and print the
+    /// address of the agent's live page; Ctrl-C removes everything.
+    #[arg(long)]
+    stay: bool,
+    /// Only write a PNG of the live page with the demo's traffic to this file.
+    #[arg(long, conflicts_with_all = ["scenario", "stay"])]
+    screenshot: Option<PathBuf>,
+}
+
+/// The tags of the demo's steady traffic, with how many requests of each per round: most
+/// untagged, some for every release.
+const TRAFFIC: [(&[(&str, &str)], usize); 5] = [
+    (&[], 6),
+    (&[ATLANTIS], 4),
+    (&[ANDROID], 3),
+    (&[ANDROID, ATLANTIS], 2),
+    (&[IPHONE, ATLANTIS], 1),
+];
+
+/// Sends the demo's traffic mix to `order` through `gateway`, about 30 requests a second,
+/// until the process exits.
+fn keep_traffic_flowing(gateway: SocketAddr) {
+    std::thread::spawn(move || {
+        loop {
+            for (tags, count) in TRAFFIC {
+                for _ in 0..count {
+                    let mut headers = vec![("host", "order")];
+                    headers.extend_from_slice(tags);
+                    // A failed request shows on the page; the demo goes on.
+                    let _ = http::get(gateway, "/", &headers);
+                    std::thread::sleep(Duration::from_millis(30));
+                }
+            }
+        }
+    });
+}
+
+/// The food-delivery node with steady traffic: (scenario, the live page's address). The page
+/// opens with the explain box asking for an Android user in Atlantis.
+fn live(root: &Path) -> Result<(Scenario, String)> {
+    let demo = &DEMOS[0];
+    let file = root.join("deploy/examples").join(demo.file);
+    let scenario = Scenario::deploy(&file, demo.calls, Node::new()?)?;
+    keep_traffic_flowing(scenario.gateway);
+    let url = format!(
+        "http://{}/?header=x-device%3A%20android&header=x-region%3A%20atlantis",
+        scenario.admin
+    );
+    Ok((scenario, url))
+}
+
+fn stay(root: &Path) -> Result<()> {
+    let (scenario, url) = live(root)?;
+    println!(
+        "\n=== The live page ===\n\n  {url}\n\n  The food-delivery node keeps running with traffic \
+         flowing (node {}; agent admin on {}).\n  Open the address above in a browser on this \
+         machine (from another one: ssh -L 15000:{} this-machine, then http://localhost:15000/).\n  \
+         Ctrl-C removes everything.",
+        scenario.node.name, scenario.admin, scenario.admin
+    );
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn screenshot(root: &Path, out: &Path) -> Result<()> {
+    let (_scenario, url) = live(root)?;
+    // Rates are over the last ten seconds: let the window fill.
+    std::thread::sleep(Duration::from_secs(11));
+    browser::screenshot(&url, out, 1280, 1240)?;
+    println!("demo: wrote {}", out.display());
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -219,6 +296,9 @@ fn main() -> Result<()> {
         .parent()
         .context("the demo binary has a directory")?
         .join("steer");
+    if let Some(out) = &args.screenshot {
+        return screenshot(&root, out);
+    }
     let only = args.scenario.as_deref();
     let chosen: Vec<&Demo> = DEMOS
         .iter()
@@ -231,5 +311,8 @@ fn main() -> Result<()> {
         run(&root, &steer, scenario)?;
     }
     println!("\ndemo: every path matched `steer explain`");
+    if args.stay {
+        stay(&root)?;
+    }
     Ok(())
 }

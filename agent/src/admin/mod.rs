@@ -1,10 +1,14 @@
 //! The admin server (loopback by default): health, readiness, metrics, the snapshot in force,
-//! and `explain` — the same answer as `steer explain`, from the running configuration.
+//! `explain` — the same answer as `steer explain`, from the running configuration — and the
+//! live page (`/`): releases, chains of versions with the traffic between them, an explain box.
+//! The page is embedded in the binary and loads nothing from anywhere else.
+
+mod live;
 
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -19,6 +23,8 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::{metrics::Metrics, rules::HeaderPairs, state::Snapshot};
+use live::Live;
+pub use live::Rejection;
 
 pub struct Admin {
     pub state: Arc<ArcSwap<Snapshot>>,
@@ -28,18 +34,52 @@ pub struct Admin {
     /// Set once a configuration from the source is in force (at once for a file; after the
     /// first complete list of the cluster's objects for Kubernetes).
     pub synced: AtomicBool,
+    /// The latest configuration refused by the checker, until one is applied (the page shows
+    /// why).
+    pub rejected: Mutex<Option<Rejection>>,
+}
+
+impl Admin {
+    /// Records the outcome of applying a configuration from `origin`.
+    pub fn applied(&self, origin: &str, result: &anyhow::Result<()>) {
+        let rejection = result.as_ref().err().and_then(|err| {
+            let rejected = err.downcast_ref::<crate::state::Rejected>()?;
+            Some(Rejection {
+                origin: origin.to_string(),
+                report: rejected.0.clone(),
+            })
+        });
+        if result.is_ok() || rejection.is_some() {
+            *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) = rejection;
+        }
+    }
 }
 
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
+    let live = Arc::new(Live::default());
+    {
+        let (admin, live) = (admin.clone(), live.clone());
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(live::SAMPLE_EVERY);
+            loop {
+                ticks.tick().await;
+                let snapshot = admin.state.load();
+                (admin.metrics).releases_in_force(snapshot.rules.releases().len());
+                live.sample(&admin.metrics, &snapshot);
+            }
+        });
+    }
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let admin = admin.clone();
+        let live = live.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(&admin, request)) }
+                let live = live.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(&admin, &live, request)) }
             });
             if let Err(err) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -93,10 +133,59 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn route(admin: &Admin, request: Request<Incoming>) -> Response<Full<Bytes>> {
+/// The page's files, embedded at build time.
+const PAGE: &str = include_str!("../ui/index.html");
+const SCRIPT: &str = include_str!("../ui/app.js");
+const STYLE: &str = include_str!("../ui/style.css");
+
+/// An embedded file: nothing but this server is allowed as a source, so the page works with no
+/// network and cannot be made to load anything from elsewhere.
+fn asset(content_type: &str, body: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .header("content-type", content_type)
+        .header(
+            "content-security-policy",
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+        )
+        .header("x-content-type-options", "nosniff")
+        .header("cache-control", "no-cache")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("valid response")
+}
+
+/// The `header=Name:value` pairs of a query string.
+fn header_pairs(pairs: &[(String, String)]) -> Result<HeaderPairs, String> {
+    let mut headers = Vec::new();
+    for (_, line) in pairs.iter().filter(|(k, _)| k == "header") {
+        headers.push(HeaderPairs::parse_line(line)?);
+    }
+    Ok(HeaderPairs::new(headers))
+}
+
+fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     const JSON: &str = "application/json";
     match request.uri().path() {
+        "/" | "/ui" | "/ui/" => asset("text/html; charset=utf-8", PAGE),
+        "/ui/app.js" => asset("text/javascript; charset=utf-8", SCRIPT),
+        "/ui/style.css" => asset("text/css; charset=utf-8", STYLE),
+        "/ui/state" => {
+            let rejected = admin.rejected.lock().unwrap_or_else(|e| e.into_inner());
+            let state = live.state(&admin.state.load_full(), rejected.as_ref());
+            let body = serde_json::to_string(&state).expect("state serialises");
+            reply(StatusCode::OK, JSON, body)
+        }
+        "/ui/explain" => {
+            let pairs = query_pairs(request.uri().query().unwrap_or(""));
+            match header_pairs(&pairs) {
+                Ok(headers) => {
+                    let path = live::explain_all(&admin.state.load(), &headers);
+                    let body = serde_json::to_string(&path).expect("explanations serialise");
+                    reply(StatusCode::OK, JSON, body)
+                }
+                Err(reason) => reply(StatusCode::BAD_REQUEST, TEXT, reason + "\n"),
+            }
+        }
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
         "/readyz"
             if admin.ready.load(Ordering::Relaxed) && admin.synced.load(Ordering::Relaxed) =>
@@ -123,18 +212,11 @@ fn route(admin: &Admin, request: Request<Incoming>) -> Response<Full<Bytes>> {
                     "explain needs ?service=NAME\n".into(),
                 );
             };
-            let mut headers = Vec::new();
-            for (_, line) in pairs.iter().filter(|(k, _)| k == "header") {
-                match HeaderPairs::parse_line(line) {
-                    Ok(pair) => headers.push(pair),
-                    Err(reason) => return reply(StatusCode::BAD_REQUEST, TEXT, reason + "\n"),
-                }
-            }
-            match admin
-                .state
-                .load()
-                .explain(service, &HeaderPairs::new(headers))
-            {
+            let headers = match header_pairs(&pairs) {
+                Ok(headers) => headers,
+                Err(reason) => return reply(StatusCode::BAD_REQUEST, TEXT, reason + "\n"),
+            };
+            match admin.state.load().explain(service, &headers) {
                 Some(explanation) => reply(
                     StatusCode::OK,
                     JSON,
@@ -150,7 +232,8 @@ fn route(admin: &Admin, request: Request<Incoming>) -> Response<Full<Bytes>> {
         _ => reply(
             StatusCode::NOT_FOUND,
             TEXT,
-            "endpoints: /healthz /readyz /metrics /config /explain?service=..&header=Name:value\n"
+            "endpoints: / (the live page) /healthz /readyz /metrics /config \
+             /explain?service=..&header=Name:value /ui/state /ui/explain?header=Name:value\n"
                 .into(),
         ),
     }
