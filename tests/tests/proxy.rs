@@ -993,3 +993,54 @@ fn a_client_slow_to_send_its_request_is_still_routed_by_its_tags() {
     let out = String::from_utf8_lossy(&output.stdout);
     assert!(out.contains("x-steer-version: v2-blue"), "{out}");
 }
+
+#[test]
+fn keep_alive_clients_under_load_lose_no_request_across_a_sigterm() {
+    let mut scenario = food_delivery();
+    let restaurant = restaurant(&scenario);
+    // Four keep-alive clients in a pod, as an HTTP library does it: reuse the connection,
+    // open a new one when a response says `Connection: close`; a request that fails counts.
+    let script = format!(
+        "import http.client, threading, time\n\
+         failures, answered = [], [0]\n\
+         def client():\n\
+         \x20   conn = None\n\
+         \x20   end = time.time() + 3\n\
+         \x20   while time.time() < end:\n\
+         \x20       try:\n\
+         \x20           if conn is None:\n\
+         \x20               conn = http.client.HTTPConnection('{ip}', {port}, timeout=5)\n\
+         \x20           conn.request('GET', '/', headers={{'host': 'restaurant'}})\n\
+         \x20           resp = conn.getresponse()\n\
+         \x20           resp.read()\n\
+         \x20           if resp.status != 200: failures.append(resp.status)\n\
+         \x20           answered[0] += 1\n\
+         \x20           if resp.will_close: conn.close(); conn = None\n\
+         \x20       except Exception as e:\n\
+         \x20           failures.append(repr(e)); conn = None\n\
+         \x20       time.sleep(0.01)\n\
+         threads = [threading.Thread(target=client) for _ in range(4)]\n\
+         [t.start() for t in threads]; [t.join() for t in threads]\n\
+         print(answered[0], failures)\n",
+        ip = restaurant.ip(),
+        port = restaurant.port()
+    );
+    let mut command = Command::new("python3");
+    command.args(["-c", &script]);
+    let pod = scenario.node.pod("order-v1");
+    let agent = scenario.agent.as_mut().unwrap();
+    let output = std::thread::scope(|scope| {
+        let load = scope.spawn(|| pod.exec(&command).unwrap());
+        std::thread::sleep(Duration::from_millis(1000));
+        unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+        load.join().unwrap()
+    });
+    let said = String::from_utf8_lossy(&output.stdout);
+    let (answered, failures) = said.trim().split_once(' ').unwrap_or(("0", &said));
+    assert!(
+        answered.parse::<u32>().unwrap_or(0) > 100,
+        "{said} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(failures, "[]", "requests failed across the SIGTERM: {said}");
+}
