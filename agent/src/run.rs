@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{self, Admin},
+    admin::{self, Admin, live::LeftOut},
     check,
     config::Config,
     datapath::{Datapath, DatapathOptions},
@@ -234,6 +234,30 @@ async fn bind(address: SocketAddr, what: &str) -> Result<TcpListener> {
         .with_context(|| format!("cannot listen on {address} ({what})"))
 }
 
+/// The releases a translation left out of the configuration, for the page.
+fn left_out(
+    verdicts: &std::collections::BTreeMap<String, kubernetes::translate::Verdict>,
+) -> Vec<LeftOut> {
+    use kubernetes::translate::State;
+    verdicts
+        .iter()
+        .filter_map(|(name, verdict)| {
+            let state = match verdict.state {
+                State::Accepted => return None,
+                State::Shadowed => "shadowed",
+                State::Conflict => "conflict",
+                State::Invalid => "invalid",
+            };
+            Some(LeftOut {
+                name: name.clone(),
+                verdict: state,
+                related: verdict.related.clone(),
+                message: verdict.message.clone(),
+            })
+        })
+        .collect()
+}
+
 /// Refuses a configuration with an endpoint at one of the agent's own listening addresses: each
 /// request sent there would come back to be sent there again, for as long as it is let run.
 fn refuse_own_addresses(config: &Config, own: &[SocketAddr]) -> Result<()> {
@@ -378,6 +402,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         ready: false.into(),
         synced: kubernetes.is_none().into(),
         rejected: Mutex::default(),
+        left_out: Mutex::default(),
     });
     let applier = Applier {
         own_addresses: own_addresses.clone(),
@@ -423,10 +448,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 let checked = checked.map(|c| (c.config, Some(c.report)));
                 tokio::task::block_in_place(|| applier.apply_checked(checked, "kubernetes"))
             });
+            let page = admin.clone();
+            let on_verdicts: kubernetes::OnVerdicts = Box::new(move |verdicts| {
+                *page.left_out.lock().unwrap_or_else(|e| e.into_inner()) = left_out(verdicts);
+            });
             tokio::spawn(kubernetes::run(
                 client,
                 kube_options,
                 apply,
+                on_verdicts,
                 metrics.clone(),
                 drain.clone(),
             ))

@@ -101,6 +101,7 @@ fn start_source(server: &ApiServer) -> Source {
         server.client(),
         options,
         apply,
+        Box::new(|_| {}),
         metrics.clone(),
         drain,
     ));
@@ -455,6 +456,45 @@ fn steer_run_kubernetes_routes_the_seed_from_cluster_objects() {
         route(&scenario, &[ANDROID, ATLANTIS]).0,
         "order/v1 -> restaurant/v2-blue -> delivery/v2-blue"
     );
+    // A release the translation leaves out is on the live page, with why.
+    // Same priority as green, overlapping it: a conflict, and the newer release gives way.
+    let rival = json!({
+        "apiVersion": "steer.dev/v1alpha1", "kind": "CanaryRelease",
+        "metadata": {"name": "rival", "namespace": Cluster::NAMESPACE, "generation": 1,
+                     "creationTimestamp": "2099-01-01T00:00:00Z"},
+        "spec": {"priority": 3, "match": [{"header": "x-region", "exact": "atlantis"}]}
+    });
+    cluster.server.put(rival);
+    let started = Instant::now();
+    let rival_row = loop {
+        let state: Value = serde_json::from_str(
+            &steer_tests::http::get(scenario.admin, "/ui/state", &[])
+                .unwrap()
+                .body,
+        )
+        .unwrap();
+        let row = state["releases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == format!("{}/rival", Cluster::NAMESPACE))
+            .cloned();
+        if let Some(row) = row {
+            break row;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "rival never listed: {state}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(rival_row["verdict"], "conflict", "{rival_row}");
+    assert_eq!(rival_row["priority"], Value::Null);
+    assert!(
+        rival_row["shadowedBy"].to_string().contains("green"),
+        "{rival_row}"
+    );
+
     // And the agent, alone in the cluster, took the lease and wrote the verdicts.
     let patched: Vec<String> = cluster
         .server

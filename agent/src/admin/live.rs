@@ -101,8 +101,14 @@ impl Live {
     }
 
     /// The page's state document; `rejected` is the report of the latest configuration that
-    /// was refused, if the source has not sent a good one since.
-    pub fn state(&self, snapshot: &Arc<Snapshot>, rejected: Option<&Rejection>) -> State {
+    /// was refused, if the source has not sent a good one since, and `left_out` the releases
+    /// the cluster has that its translation left out of the configuration (with why).
+    pub fn state(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        rejected: Option<&Rejection>,
+        left_out: &[LeftOut],
+    ) -> State {
         let report = self.report(snapshot);
         let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
         let (first, last) = (samples.front(), samples.back());
@@ -168,7 +174,7 @@ impl Live {
                 let rate = per_second(decided(last).unwrap_or(0), decided(first).unwrap_or(0));
                 ReleaseView {
                     name: release.name.clone(),
-                    priority: release.priority,
+                    priority: Some(release.priority),
                     matchers: release
                         .matchers
                         .iter()
@@ -204,6 +210,20 @@ impl Live {
             })
             .collect();
         releases.sort_by_key(|r| r.priority);
+        // Not in force, so after those that are, in name order.
+        releases.extend(left_out.iter().map(|release| ReleaseView {
+            name: release.name.clone(),
+            priority: None,
+            matchers: vec![],
+            percent: None,
+            hash_by: None,
+            targets: BTreeMap::new(),
+            verdict: release.verdict,
+            shadowed_by: release.related.clone(),
+            shadow_example: Some(release.message.clone()),
+            overlaps: vec![],
+            rate: 0.0,
+        }));
         let unreleased = {
             let decided =
                 |sample: Option<&Sample>| sample.and_then(|s| s.decisions.get("").copied());
@@ -345,18 +365,30 @@ pub struct VersionView {
 #[serde(rename_all = "camelCase")]
 pub struct ReleaseView {
     pub name: String,
-    pub priority: u32,
+    /// `None` for a release left out of the configuration.
+    pub priority: Option<u32>,
     pub matchers: Vec<MatcherView>,
     pub percent: Option<f64>,
     pub hash_by: Option<String>,
     pub targets: BTreeMap<String, String>,
-    /// `accepted` or `shadowed` (a configuration with conflicts is never in force).
+    /// `accepted` or `shadowed`; with the Kubernetes source also `conflict` or `invalid` for a
+    /// release left out (`shadowedBy` then names the releases involved, `shadowExample` why).
     pub verdict: &'static str,
     pub shadowed_by: Vec<String>,
     pub shadow_example: Option<String>,
     pub overlaps: Vec<OverlapView>,
     /// Requests per second this agent scheduled to the release.
     pub rate: f64,
+}
+
+/// A CanaryRelease the Kubernetes source left out of the configuration, and why.
+#[derive(Clone, Debug)]
+pub struct LeftOut {
+    pub name: String,
+    /// `shadowed`, `conflict` or `invalid`.
+    pub verdict: &'static str,
+    pub related: Vec<String>,
+    pub message: String,
 }
 
 #[derive(Serialize)]
@@ -418,7 +450,7 @@ mod tests {
         metrics.decisions(Some("green")).inc();
         std::thread::sleep(Duration::from_millis(20));
         live.sample(&metrics, &snapshot);
-        let state = live.state(&snapshot, None);
+        let state = live.state(&snapshot, None, &[]);
         let green = &state.edges[0];
         assert_eq!((green.requests, green.errors), (11, 1));
         assert!(green.rate > 0.0 && green.error_rate > 0.0);
@@ -452,7 +484,7 @@ mod tests {
             origin: "edit".into(),
             report: Snapshot::build(config).unwrap_err().0,
         };
-        let state = Live::default().state(&snapshot, Some(&rejected));
+        let state = Live::default().state(&snapshot, Some(&rejected), &[]);
         let rejected = state.rejected.unwrap();
         assert_eq!(rejected.shadowed[0].release, "red");
         assert_eq!(rejected.shadowed[0].by, ["blue"]);

@@ -3,7 +3,7 @@
 //! live page (`/`): releases, chains of versions with the traffic between them, an explain box.
 //! The page is embedded in the binary and loads nothing from anywhere else.
 
-mod live;
+pub mod live;
 
 use std::{
     net::SocketAddr,
@@ -37,6 +37,8 @@ pub struct Admin {
     /// The latest configuration refused by the checker, until one is applied (the page shows
     /// why).
     pub rejected: Mutex<Option<Rejection>>,
+    /// The CanaryReleases the Kubernetes source left out, with why (the page lists them).
+    pub left_out: Mutex<Vec<live::LeftOut>>,
 }
 
 impl Admin {
@@ -171,7 +173,8 @@ fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Ful
         "/ui/style.css" => asset("text/css; charset=utf-8", STYLE),
         "/ui/state" => {
             let rejected = admin.rejected.lock().unwrap_or_else(|e| e.into_inner());
-            let state = live.state(&admin.state.load_full(), rejected.as_ref());
+            let left_out = admin.left_out.lock().unwrap_or_else(|e| e.into_inner());
+            let state = live.state(&admin.state.load_full(), rejected.as_ref(), &left_out);
             let body = serde_json::to_string(&state).expect("state serialises");
             reply(StatusCode::OK, JSON, body)
         }

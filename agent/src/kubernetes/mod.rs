@@ -88,11 +88,15 @@ pub type Apply = Box<dyn Fn(Result<Checked>) -> Result<()> + Send + Sync>;
 /// The verdicts the status writer is to bring every CanaryRelease's status to.
 type Verdicts = BTreeMap<String, Verdict>;
 
+/// Hears every translation's verdicts (the admin page lists the releases left out).
+pub type OnVerdicts = Box<dyn Fn(&BTreeMap<String, Verdict>) + Send + Sync>;
+
 /// Runs the source until the agent drains; then gives up the status writer's lease.
 pub async fn run(
     client: Client,
     options: KubernetesOptions,
     apply: Apply,
+    on_verdicts: OnVerdicts,
     metrics: Arc<Metrics>,
     mut drain: Drain,
 ) {
@@ -151,7 +155,7 @@ pub async fn run(
         pods,
     };
     tokio::select! {
-        _ = follow(&options, &apply, &metrics, &changed, &leading, &verdicts, stores) => {}
+        _ = follow(&options, &apply, &on_verdicts, &metrics, &changed, &leading, &verdicts, stores) => {}
         _ = drain.signaled() => {}
     }
     writer.abort();
@@ -171,9 +175,11 @@ struct Stores {
 
 /// Rebuilds the configuration on every change, applies it, and hands the verdicts to the
 /// status writer when this agent is the one.
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     options: &KubernetesOptions,
     apply: &Apply,
+    on_verdicts: &OnVerdicts,
     metrics: &Metrics,
     changed: &Notify,
     leading: &AtomicBool,
@@ -249,6 +255,7 @@ async fn follow(
                         })
                         .collect();
                     metrics.releases_by_state(&counts);
+                    on_verdicts(&translation.verdicts);
                     if status_due {
                         // The writer works through them at its own pace, in its own task:
                         // applying the next change does not wait for it.

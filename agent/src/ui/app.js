@@ -80,7 +80,10 @@ function renderReleases() {
     });
     const verdict = el("td", { class: "verdict-cell" });
     verdict.append(el("span", { class: `verdict ${r.verdict}` }, r.verdict));
-    if (r.verdict === "shadowed") {
+    if (r.verdict === "conflict" || r.verdict === "invalid") {
+      verdict.append(r.shadowedBy.length ? ` with ${r.shadowedBy.join(", ")}` : "",
+        el("div", { class: "note" }, r.shadowExample || ""));
+    } else if (r.verdict === "shadowed") {
       verdict.append(` by ${r.shadowedBy.join(", ")}`,
         el("div", { class: "note" }, `e.g. ${r.shadowExample || "any request"}`));
     }
@@ -91,7 +94,7 @@ function renderReleases() {
       verdict.append(el("div", { class: "note" }, text));
     }
     body.append(el("tr", { "data-release": r.name, "data-verdict": r.verdict },
-      el("td", { class: "num" }, String(r.priority)),
+      el("td", { class: "num" }, r.priority === null ? "–" : String(r.priority)),
       el("td", {}, el("span", { class: "swatch", style: `background:${colour(r.name)}` }), el("strong", {}, r.name)),
       matches, share, targets, verdict,
       el("td", { class: "num rate", "data-rate": String(r.rate) }, rate(r.rate))));
