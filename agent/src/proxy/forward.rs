@@ -40,7 +40,7 @@ pub async fn handle(
         &snapshot,
         listener,
         connected,
-        &worker.shared.stamp_keys,
+        &worker.stamp_verifier(),
         &request,
     ) {
         Ok(route) => route,

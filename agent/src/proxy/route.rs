@@ -20,7 +20,7 @@ use http::{HeaderMap, Request};
 use super::{
     Listener,
     error::ProxyError,
-    stamp::{self, StampKeys},
+    stamp::{self, VerifyStamp},
 };
 use crate::{
     rules::CompiledRelease,
@@ -53,7 +53,7 @@ pub fn route<'s, B>(
     snapshot: &'s Snapshot,
     listener: Listener,
     connected: Option<&Arc<str>>,
-    keys: &StampKeys,
+    keys: &impl VerifyStamp,
     request: &Request<B>,
 ) -> Result<Route<'s>, ProxyError> {
     let service = match connected {
@@ -138,7 +138,7 @@ fn service_from_request<'s, B>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::{config::Config, proxy::stamp::StampKeys};
 
     fn snapshot(extra: &str) -> Snapshot {
         let path = concat!(

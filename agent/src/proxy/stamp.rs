@@ -6,7 +6,7 @@
 //! nor an outside client whose `baggage` an application passes on can choose a release; a
 //! stamp that does not verify is no stamp, and the rules decide from the tags.
 
-use std::path::Path;
+use std::{cell::RefCell, path::Path};
 
 use anyhow::{Context, Result, bail, ensure};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -141,21 +141,65 @@ impl StampKeys {
         StampKeys::signature(&self.0[0], release)
     }
 
-    /// Whether `signature` is one of the keys' signature of `release`.
-    pub fn verify(&self, release: &str, signature: Option<&str>) -> bool {
-        let Some(signature) = signature else {
-            return false;
-        };
-        self.0.iter().any(|key| {
-            let expected = StampKeys::signature(key, release);
-            // Constant time: how much of a guess matched must not show in the timing.
-            expected.len() == signature.len()
-                && expected
-                    .bytes()
-                    .zip(signature.bytes())
-                    .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-                    == 0
-        })
+    /// Each key's signature of `release`.
+    fn signatures(&self, release: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|key| StampKeys::signature(key, release))
+            .collect()
+    }
+}
+
+/// Whether a stamp is steer's own.
+pub trait VerifyStamp {
+    fn verify(&self, release: &str, signature: Option<&str>) -> bool;
+}
+
+/// Whether `signature` is one of `expected`, in constant time: how much of a guess matched
+/// must not show in the timing.
+fn one_of(expected: &[String], signature: Option<&str>) -> bool {
+    let Some(signature) = signature else {
+        return false;
+    };
+    expected.iter().any(|expected| {
+        expected.len() == signature.len()
+            && expected
+                .bytes()
+                .zip(signature.bytes())
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    })
+}
+
+impl VerifyStamp for StampKeys {
+    fn verify(&self, release: &str, signature: Option<&str>) -> bool {
+        one_of(&self.signatures(release), signature)
+    }
+}
+
+/// A worker's verifier: the signatures of a release are computed once, not per request
+/// (an HMAC per stamped request per key otherwise).
+pub struct CachedVerifier<'a> {
+    pub keys: &'a StampKeys,
+    pub signatures: &'a RefCell<foldhash::HashMap<Box<str>, Vec<String>>>,
+}
+
+/// Names remembered at most: forged names must not grow the cache without bound.
+const CACHED_NAMES: usize = 4096;
+
+impl VerifyStamp for CachedVerifier<'_> {
+    fn verify(&self, release: &str, signature: Option<&str>) -> bool {
+        let mut cache = self.signatures.borrow_mut();
+        if let Some(expected) = cache.get(release) {
+            return one_of(expected, signature);
+        }
+        let expected = self.keys.signatures(release);
+        let verified = one_of(&expected, signature);
+        if cache.len() >= CACHED_NAMES {
+            cache.clear();
+        }
+        cache.insert(release.into(), expected);
+        verified
     }
 }
 
@@ -316,6 +360,23 @@ mod tests {
         assert!(!other.verify("red", Some(&minted_before)));
         assert!(StampKeys::from_text("short").is_err());
         assert!(StampKeys::from_text("\n\n").is_err());
+    }
+
+    #[test]
+    fn the_cached_verifier_answers_as_the_keys_do() {
+        let keys = keys();
+        let signatures = RefCell::default();
+        let cached = CachedVerifier {
+            keys: &keys,
+            signatures: &signatures,
+        };
+        let good = keys.sign("red");
+        for _ in 0..2 {
+            assert!(cached.verify("red", Some(&good)));
+            assert!(!cached.verify("red", Some("forged")));
+            assert!(!cached.verify("blue", Some(&good)));
+        }
+        assert_eq!(signatures.borrow().len(), 2);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use super::stamp::Stamp;
+use super::stamp::{CachedVerifier, Stamp};
 use super::{
     Listener, LocalExec, MAX_HEADER_BYTES, Shared,
     edges::{Caller, Edges},
@@ -134,6 +134,8 @@ pub struct Worker {
     connections: Connections,
     snapshot: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
     routes: RefCell<RouteCache>,
+    /// Each stamped release's signatures under the shared keys.
+    signatures: RefCell<foldhash::HashMap<Box<str>, Vec<String>>>,
 }
 
 /// The client connections a worker holds, for handing memory back once many have closed.
@@ -201,6 +203,15 @@ impl Worker {
             pool: Rc::default(),
             connections: Connections::default(),
             routes: RefCell::default(),
+            signatures: RefCell::default(),
+        }
+    }
+
+    /// Verifies stamps with this worker's cache of signatures.
+    pub fn stamp_verifier(&self) -> CachedVerifier<'_> {
+        CachedVerifier {
+            keys: &self.shared.stamp_keys,
+            signatures: &self.signatures,
         }
     }
 
