@@ -27,6 +27,9 @@ pub type Route<'a> = (&'a str, &'a str, Option<&'a str>);
 pub struct Snapshot {
     pub config: Config,
     pub rules: Ruleset,
+    /// The checker's report this snapshot was built with (the admin page shows it; checking
+    /// again there would redo the analysis on every reload).
+    pub report: Arc<Report>,
     /// The services, each with its versions resolved: what the request path reads.
     services: Vec<ServiceRoutes>,
     /// Looked up on every request: a fast hash (the keys come from the configuration).
@@ -242,6 +245,7 @@ impl Snapshot {
                 services,
                 by_name,
                 by_address,
+                report: Arc::new(report.clone()),
             },
             report,
         ))

@@ -5,14 +5,14 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use serde::Serialize;
 
 use crate::{
-    check::{self, Report, render_example},
+    check::{Report, render_example},
     metrics::Metrics,
     rules::HeaderPairs,
     state::{Explanation, Snapshot},
@@ -36,11 +36,10 @@ struct Sample {
     decisions: HashMap<String, u64>,
 }
 
-/// The sampled counters and the checker's report of the snapshot in force.
+/// The sampled counters.
 #[derive(Default)]
 pub struct Live {
     samples: Mutex<VecDeque<Sample>>,
-    report: Mutex<Option<(Weak<Snapshot>, Arc<Report>)>>,
 }
 
 impl Live {
@@ -87,19 +86,6 @@ impl Live {
         }
     }
 
-    /// The checker's report of `snapshot`, computed once per snapshot.
-    fn report(&self, snapshot: &Arc<Snapshot>) -> Arc<Report> {
-        let mut cached = self.report.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((of, report)) = cached.as_ref()
-            && std::ptr::eq(of.as_ptr(), Arc::as_ptr(snapshot))
-        {
-            return report.clone();
-        }
-        let report = Arc::new(check::check(&snapshot.config));
-        *cached = Some((Arc::downgrade(snapshot), report.clone()));
-        report
-    }
-
     /// The page's state document; `rejected` is the report of the latest configuration that
     /// was refused, if the source has not sent a good one since, and `left_out` the releases
     /// the cluster has that its translation left out of the configuration (with why).
@@ -109,7 +95,7 @@ impl Live {
         rejected: Option<&Rejection>,
         left_out: &[LeftOut],
     ) -> State {
-        let report = self.report(snapshot);
+        let report = &snapshot.report;
         let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
         let (first, last) = (samples.front(), samples.back());
         let seconds = match (first, last) {
