@@ -12,7 +12,9 @@
 //! - `route`: the routing decision, a pure function of the snapshot and the request;
 //! - `forward`: the request path around it (stamp, headers, upstream, metrics);
 //! - `pool`, `body`: upstream connections and the response bodies that drive them;
-//! - `error`: the one error type of the request path and the one place it becomes a response.
+//! - `error`: the one error type of the request path and the one place it becomes a response;
+//! - `stamp`: the signed decision stamp; `edges`: who called whom, for the live page;
+//! - `headers`, `balance`, `l4`: hop-by-hop rules, picking an endpoint, the TCP relay.
 
 mod balance;
 mod body;
