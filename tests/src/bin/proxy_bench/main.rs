@@ -16,6 +16,10 @@
 //!   traffic, next to nginx (master + workers) and haproxy; then of each proxy holding 10,000
 //!   idle keep-alive client connections (each made one request), and after they all closed.
 //! - **Live reload** of steer's configuration file, from write to served.
+//! - **Applying large configurations** (issue 11; `apply.rs`): steer's file replaced by mixed
+//!   configurations of 1,000, 3,000 and 10,000 releases, each timed from write to served; the
+//!   open-loop latency through steer while they apply one after another, next to the same run
+//!   without applies (alternating, every round); steer's memory before, at peak and after.
 //!
 //! Every proxy is pinned to the same CPUs with one worker per CPU (nginx `worker_processes`,
 //! haproxy `nbthread`, steer `--workers`) and starts with the soft fd limit a
@@ -27,6 +31,7 @@
 //! The same binary plays every part: without a subcommand it runs the benchmark; the
 //! subcommands are what it runs inside the pods.
 
+mod apply;
 mod client;
 mod profile;
 mod proxies;
@@ -82,6 +87,10 @@ struct Options {
     /// Idle keep-alive connections each proxy holds in the memory case [10000; 200].
     #[arg(long)]
     idle_connections: Option<usize>,
+    /// Sample releases of the configurations the apply case writes, comma-separated
+    /// [1000,3000,10000; 200].
+    #[arg(long, value_delimiter = ',')]
+    apply_releases: Option<Vec<usize>>,
     /// Rounds; the cases alternate within each round [3; 1].
     #[arg(long)]
     rounds: Option<usize>,
@@ -147,6 +156,8 @@ struct Plan {
     idle_connections: usize,
     rounds: usize,
     reloads: usize,
+    /// Sample releases of the apply case's configurations, ascending.
+    apply_sizes: Vec<usize>,
     /// How long closed connections get to be cleaned up before memory is measured again.
     settle: Duration,
 }
@@ -170,6 +181,14 @@ impl Plan {
             idle_connections: o.idle_connections.unwrap_or(pick(smoke, 10_000, 200)),
             rounds: o.rounds.unwrap_or(pick(smoke, 3, 1)),
             reloads: pick(smoke, 20, 4),
+            apply_sizes: {
+                let mut sizes = o
+                    .apply_releases
+                    .clone()
+                    .unwrap_or_else(|| pick(smoke, vec![1000, 3000, 10_000], vec![200]));
+                sizes.sort_unstable();
+                sizes
+            },
             settle: Duration::from_secs(pick(smoke, 2, 1)),
         }
     }
@@ -282,6 +301,29 @@ struct Memory {
     first_error: Option<String>,
     /// Of the held connections, those the proxy closed before the client did.
     closed_by_proxy: u64,
+}
+
+/// The apply case's figures (steer only).
+#[derive(Default)]
+struct Applies {
+    /// Write to served, per number of sample releases: one after another, no traffic.
+    alone: std::collections::BTreeMap<usize, Vec<Duration>>,
+    /// The same, while the open loop runs.
+    loaded: std::collections::BTreeMap<usize, Vec<Duration>>,
+    /// Bytes of the file, per number of sample releases.
+    bytes: std::collections::BTreeMap<usize, usize>,
+    /// steer's RSS right after each configuration was served (the first time).
+    rss_kb: std::collections::BTreeMap<usize, u64>,
+    /// Open loop through steer without applies, and with.
+    quiet: Runs,
+    busy: Runs,
+    /// Configurations applied during the open-loop runs.
+    applied_during: usize,
+    before_kb: u64,
+    /// VmHWM over the whole case (reset at its start).
+    peak_kb: u64,
+    /// Back at the configuration the case started from.
+    after_kb: u64,
 }
 
 struct Case {
@@ -402,6 +444,91 @@ fn measure_memory(
     std::thread::sleep(plan.settle);
     memory.after_kb = rss_kb(&case.pids)?;
     Ok(())
+}
+
+/// The apply case: large configurations written to steer's file, alone and under the open
+/// loop; the open loop without applies in the same rounds; steer's memory throughout.
+fn measure_applies(
+    steer: &Case,
+    plan: &Plan,
+    client: &Pod,
+    cpus: &str,
+    config: &std::path::Path,
+    admin: SocketAddr,
+) -> Result<Applies> {
+    let pid = steer.pids[0];
+    eprintln!(
+        "proxy-bench: apply case, configurations of {:?} sample releases",
+        plan.apply_sizes
+    );
+    let configurations = apply::prepare(config, &plan.apply_sizes)?;
+    let mut figures = Applies {
+        bytes: configurations
+            .iter()
+            .map(|c| (c.releases, c.bytes()))
+            .collect(),
+        before_kb: rss_kb(&steer.pids)?,
+        ..Applies::default()
+    };
+    apply::reset_peak(pid)?;
+    let mut applier = apply::Applier::new(config, admin);
+    for prepared in &configurations {
+        let took = applier.apply(prepared)?;
+        figures
+            .rss_kb
+            .insert(prepared.releases, rss_kb(&steer.pids)?);
+        eprintln!(
+            "proxy-bench: {} sample releases served {took:.1?} after the write",
+            prepared.releases
+        );
+    }
+    figures.alone = std::mem::take(&mut applier.took);
+    let args = [
+        "open-loop".into(),
+        steer.target.to_string(),
+        format!("--rate={}", plan.rate),
+        format!("--seconds={}", plan.seconds),
+        format!("--connections={}", plan.connections),
+    ];
+    for round in 1..=plan.rounds {
+        eprintln!(
+            "proxy-bench: round {round}/{}: open loop at {}/s through steer, no applies",
+            plan.rounds, plan.rate
+        );
+        let (answer, cpu) = steer.run(client, cpus, &args)?;
+        figures.quiet.add(&answer, plan.seconds, cpu)?;
+        eprintln!(
+            "proxy-bench: round {round}/{}: open loop at {}/s through steer, applying \
+             configurations one after another",
+            plan.rounds, plan.rate
+        );
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (run, applied) = std::thread::scope(|s| {
+            let run = s.spawn(|| {
+                let run = steer.run(client, cpus, &args);
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                run
+            });
+            let applied = applier.cycle(&configurations, &stop);
+            (run.join().expect("the open-loop thread"), applied)
+        });
+        let (answer, cpu) = run?;
+        figures.applied_during += applied?;
+        figures.busy.add(&answer, plan.seconds, cpu)?;
+    }
+    figures.loaded = std::mem::take(&mut applier.took);
+    // Back to the configuration the case started from, for the memory after.
+    applier.apply(
+        configurations
+            .last()
+            .context("the case has configurations")?,
+    )?;
+    std::thread::sleep(plan.settle);
+    figures.after_kb = rss_kb(&steer.pids)?;
+    figures.peak_kb = apply::peak_kb(pid)?;
+    figures.quiet.latencies.sort_unstable();
+    figures.busy.latencies.sort_unstable();
+    Ok(figures)
 }
 
 fn benchmark(plan: &Plan, options: &Options) -> Result<()> {
@@ -559,6 +686,15 @@ fn benchmark(plan: &Plan, options: &Options) -> Result<()> {
             .with_context(|| format!("memory case of {}", case.name))?;
         case.memory = Some(memory);
     }
+    let applies = measure_applies(
+        &cases[1],
+        plan,
+        client,
+        &load_cpus,
+        &dir.0.join("steer.yaml"),
+        steer_admin,
+    )
+    .context("apply case")?;
     for case in &mut cases {
         case.open.latencies.sort_unstable();
         for runs in &mut case.closed {
@@ -568,10 +704,13 @@ fn benchmark(plan: &Plan, options: &Options) -> Result<()> {
 
     let mut out = std::io::stdout().lock();
     report::details(&mut out, plan, &cases, workers, &reload_times)?;
+    report::applies(&mut out, plan, &applies)?;
     report::summary(&mut out, plan, &cases, &proxy_cpus, &load_cpus)?;
+    report::applies_summary(&mut out, plan, &applies)?;
     out.flush()?;
     if plan.smoke {
         report::ensure_figures(&cases)?;
+        report::ensure_apply_figures(plan, &applies)?;
         println!("\nsmoke run: every case ran and produced figures (timings are not checked)");
     }
 

@@ -1,11 +1,12 @@
 //! The bench's tables: the details of every case, then a summary of steer against the better of
-//! nginx and haproxy with issue 10's goals.
+//! nginx and haproxy with issue 10's goals, and steer applying large configurations with issue
+//! 11's.
 
 use std::{io::Write, time::Duration};
 
 use anyhow::{Result, bail};
 
-use crate::{Case, Plan};
+use crate::{Applies, Case, Plan};
 
 /// A latency or a CPU time per request: µs, or ms from 10 ms on; "-" when there is none.
 fn micros(ns: f64) -> String {
@@ -389,6 +390,183 @@ pub fn ensure_figures(cases: &[Case; 4]) -> Result<()> {
     }
     if !missing.is_empty() {
         bail!("the smoke run lacks figures: {}", missing.join("; "));
+    }
+    Ok(())
+}
+
+fn median_max(took: Option<&Vec<Duration>>) -> (String, String, usize) {
+    match took {
+        Some(took) if !took.is_empty() => {
+            let mut sorted = took.clone();
+            sorted.sort_unstable();
+            (
+                format!("{:.1?}", sorted[sorted.len() / 2]),
+                format!("{:.1?}", sorted[sorted.len() - 1]),
+                sorted.len(),
+            )
+        }
+        _ => ("-".to_string(), "-".to_string(), 0),
+    }
+}
+
+/// The slowest apply of a configuration with `releases` sample releases, alone or loaded.
+fn slowest(applies: &Applies, releases: usize) -> f64 {
+    [&applies.alone, &applies.loaded]
+        .into_iter()
+        .filter_map(|took| took.get(&releases))
+        .flatten()
+        .max()
+        .map_or(f64::NAN, |d| d.as_secs_f64())
+}
+
+/// The apply case's details.
+pub fn applies(out: &mut impl Write, plan: &Plan, a: &Applies) -> Result<()> {
+    writeln!(
+        out,
+        "\napplying large configurations: steer's file replaced by the example + the bench's \
+         service + N mixed sample releases; write to served (a release of it decides a request, \
+         admin explain); 0: back to the example"
+    )?;
+    writeln!(
+        out,
+        "{:>9} {:>9} {:>10} {:>10} {:>12} {:>10} {:>10} {:>8}",
+        "releases", "file", "alone", "RSS after", "", "loaded: p50", "max", "applies"
+    )?;
+    for (&releases, &bytes) in &a.bytes {
+        let (alone, _, _) = median_max(a.alone.get(&releases));
+        let (median, max, n) = median_max(a.loaded.get(&releases));
+        writeln!(
+            out,
+            "{:>9} {:>9} {:>10} {:>10} {:>12} {:>10} {:>10} {:>8}",
+            releases,
+            format!("{:.2} MB", bytes as f64 / 1e6),
+            alone,
+            a.rss_kb
+                .get(&releases)
+                .map_or("-".to_string(), |&kb| format!("{:.1} MB", mb(kb))),
+            "",
+            median,
+            max,
+            n
+        )?;
+    }
+    writeln!(
+        out,
+        "open loop through steer at {}/s ({} round(s) of {} s each, alternating; {} \
+         configurations applied during the runs)",
+        plan.rate, plan.rounds, plan.seconds, a.applied_during
+    )?;
+    writeln!(
+        out,
+        "{:<22} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12}",
+        "case", "p50", "p99", "p99.9", "max", "errors", "CPU/1k req"
+    )?;
+    for (name, runs) in [("no applies", &a.quiet), ("applying", &a.busy)] {
+        writeln!(
+            out,
+            "{:<22} {:>9} {:>9} {:>9} {:>9} {:>6} {:>12}",
+            name,
+            micros(runs.percentile(0.5)),
+            micros(runs.percentile(0.99)),
+            micros(runs.percentile(0.999)),
+            micros(runs.percentile(1.0)),
+            runs.errors,
+            number(runs.cpu_per_request() * 1000.0 / 1e6, 1, " ms"),
+        )?;
+    }
+    writeln!(
+        out,
+        "steer's RSS: {:.1} MB before the case, peak {:.1} MB (VmHWM over the case), {:.1} MB \
+         after (back to the example, {:?} later)",
+        mb(a.before_kb),
+        mb(a.peak_kb),
+        mb(a.after_kb),
+        plan.settle
+    )?;
+    Ok(())
+}
+
+/// Issue 11's goals for the agent applying a configuration.
+pub fn applies_summary(out: &mut impl Write, plan: &Plan, a: &Applies) -> Result<()> {
+    let largest = plan.apply_sizes.last().copied().unwrap_or(0);
+    let sized = !plan.smoke && largest == 10_000 && plan.rate == 1000;
+    let ratio = |q: f64| a.busy.percentile(q) / a.quiet.percentile(q);
+    let verdict = |met: bool, applies: bool| match (applies, met) {
+        (false, _) => "n/a (sizes)",
+        (true, true) => "met",
+        (true, false) => "MISSED",
+    };
+    writeln!(
+        out,
+        "\nsummary: steer applying large configurations (goals: issue 11)"
+    )?;
+    writeln!(
+        out,
+        "{:<44} {:>11} {:>11} {:>7}  goal",
+        "figure", "steer", "before", "ratio"
+    )?;
+    for &releases in &plan.apply_sizes {
+        let slowest = slowest(a, releases);
+        writeln!(
+            out,
+            "{:<44} {:>11} {:>11} {:>7}  {:<18} {}",
+            format!("{releases} releases, write to served (slowest)"),
+            number(slowest, 3, " s"),
+            "",
+            "",
+            if releases == largest { "<= 1 s" } else { "-" },
+            if releases == largest {
+                verdict(slowest <= 1.0, sized)
+            } else {
+                ""
+            }
+        )?;
+    }
+    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+        writeln!(
+            out,
+            "{:<44} {:>11} {:>11} {:>7}  {:<18} {}",
+            format!("{name} at {}/s while applying", plan.rate),
+            micros(a.busy.percentile(q)),
+            micros(a.quiet.percentile(q)),
+            number(ratio(q), 2, "x"),
+            "<= 1.10x before",
+            verdict(ratio(q) <= 1.10, sized)
+        )?;
+    }
+    writeln!(
+        out,
+        "{:<44} {:>11} {:>11} {:>7}  bounded",
+        format!("peak RSS, applying {largest} releases"),
+        Unit::Megabytes.show(mb(a.peak_kb)),
+        Unit::Megabytes.show(mb(a.before_kb)),
+        number(a.peak_kb as f64 / a.before_kb as f64, 2, "x"),
+    )?;
+    Ok(())
+}
+
+/// The smoke run's check of the apply case: every configuration was served, alone and under
+/// load, and both open loops answered.
+pub fn ensure_apply_figures(plan: &Plan, a: &Applies) -> Result<()> {
+    let mut missing = Vec::new();
+    for releases in plan.apply_sizes.iter().copied().chain([0]) {
+        if !a.alone.contains_key(&releases) {
+            missing.push(format!("{releases} releases: not applied alone"));
+        }
+    }
+    if a.applied_during == 0 {
+        missing.push("no configuration applied during the open loop".to_string());
+    }
+    for (name, runs) in [("no applies", &a.quiet), ("applying", &a.busy)] {
+        if runs.latencies.is_empty() {
+            missing.push(format!("open loop, {name}: no answered request"));
+        }
+    }
+    if a.peak_kb == 0 {
+        missing.push("no peak RSS".to_string());
+    }
+    if !missing.is_empty() {
+        bail!("the smoke run lacks apply figures: {}", missing.join("; "));
     }
     Ok(())
 }
