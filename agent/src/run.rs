@@ -167,7 +167,55 @@ struct Applier {
     datapath: Arc<Mutex<Option<Datapath>>>,
     metrics: Arc<Metrics>,
     admin: Arc<Admin>,
+    retired: Arc<Retired<Snapshot>>,
 }
+
+/// Snapshots replaced while a proxy worker may still hold them. A worker keeps the snapshot it
+/// last used until its next request, which then drops it: were that the last reference, that
+/// request would pay for freeing a whole configuration (10,000 releases: their rules, names and
+/// versions) on a request thread. Kept here instead, each is dropped by the control side once
+/// no worker holds it any more. At most a few per worker are ever held: a worker holds one
+/// snapshot (two while it moves to a new one).
+struct Retired<T>(Mutex<Vec<Arc<T>>>);
+
+impl<T> Default for Retired<T> {
+    fn default() -> Self {
+        Retired(Mutex::default())
+    }
+}
+
+impl<T> Retired<T> {
+    fn retire(&self, value: Arc<T>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(value);
+    }
+
+    /// Drops, on the calling thread, the retired values nobody else holds; how many. A value
+    /// held here alone cannot be taken again (a reference is only cloned from another one), so
+    /// counting references is not racy.
+    fn sweep(&self) -> usize {
+        let unused: Vec<Arc<T>> = {
+            let mut retired = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let (unused, held) = std::mem::take(&mut *retired)
+                .into_iter()
+                .partition(|value| Arc::strong_count(value) == 1);
+            *retired = held;
+            unused
+        };
+        // Outside the lock: freeing a large snapshot takes a while.
+        let freed = unused.len();
+        drop(unused);
+        if freed > 0 {
+            // A large configuration's memory goes back to the system, not only to the
+            // allocator (a 10,000-release apply left the agent at 278 MB instead of 51).
+            // SAFETY: malloc_trim only releases free memory of the allocator.
+            unsafe { libc::malloc_trim(0) };
+        }
+        freed
+    }
+}
+
+/// How often retired snapshots are looked at (and freed when no worker holds them).
+const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 
 impl Applier {
     /// Applies a configuration the source could build, or records one it could not; either
@@ -214,6 +262,10 @@ impl Applier {
         self.state.store(Arc::new(snapshot));
         self.metrics.forget(&retired);
         self.metrics.forget_edges(&previous, &self.state.load());
+        // The workers move to the new snapshot on their next request: never let one of them
+        // be the one to free the previous.
+        self.retired.retire(previous);
+        self.retired.sweep();
         info!(source = origin, "configuration applied");
         Ok(())
     }
@@ -404,13 +456,24 @@ pub async fn run(options: RunOptions) -> Result<()> {
         rejected: Mutex::default(),
         left_out: Mutex::default(),
     });
+    let retired = Arc::new(Retired::default());
     let applier = Applier {
         own_addresses: own_addresses.clone(),
         state: state.clone(),
         datapath: datapath.clone(),
         metrics: metrics.clone(),
         admin: admin.clone(),
+        retired: retired.clone(),
     };
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            ticks.tick().await;
+            // Freeing is CPU work: on the blocking pool.
+            let retired = retired.clone();
+            let _ = tokio::task::spawn_blocking(move || retired.sweep()).await;
+        }
+    });
     tokio::spawn(admin::serve(admin.clone(), admin_listener));
 
     let (trigger, drain) = drain::channel();
@@ -556,6 +619,41 @@ fn refuse_accidental_emptying(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retired_snapshot_is_freed_by_the_sweep_once_no_worker_holds_it() {
+        /// Records the thread that dropped it.
+        struct Dropped(Arc<Mutex<Option<std::thread::ThreadId>>>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                *self.0.lock().unwrap() = Some(std::thread::current().id());
+            }
+        }
+        let dropped_by = Arc::new(Mutex::new(None));
+        let retired = Retired::default();
+        let snapshot = Arc::new(Dropped(dropped_by.clone()));
+        // A worker still holds the snapshot when it is replaced.
+        let held = snapshot.clone();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            released.recv().unwrap();
+            drop(held);
+        });
+        retired.retire(snapshot);
+        assert_eq!(retired.sweep(), 0, "a worker holds it: kept");
+        assert!(dropped_by.lock().unwrap().is_none());
+        // The worker moves on: its reference goes, and the snapshot is not freed there.
+        release.send(()).unwrap();
+        worker.join().unwrap();
+        assert!(dropped_by.lock().unwrap().is_none(), "freed on the worker");
+        assert_eq!(retired.sweep(), 1);
+        assert_eq!(
+            *dropped_by.lock().unwrap(),
+            Some(std::thread::current().id()),
+            "freed by the sweep"
+        );
+        assert_eq!(retired.sweep(), 0);
+    }
 
     #[test]
     fn an_endpoint_at_the_agents_own_listener_is_refused() {
