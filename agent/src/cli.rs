@@ -241,6 +241,7 @@ fn run_agent(options: crate::run::RunOptions) -> ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("steer-control")
+        .on_thread_start(yield_to_the_proxy)
         .enable_all()
         .build();
     let runtime = match runtime {
@@ -259,6 +260,21 @@ fn run_agent(options: crate::run::RunOptions) -> ExitCode {
         }
     }
 }
+
+/// Control threads (parsing, checking and compiling configurations, the admin server, the
+/// sources) run at a lower priority than the proxy's workers: on a busy node a large apply
+/// takes longer rather than delaying requests (at 10,000 releases it raised the p99 of the
+/// requests meanwhile 4x). The workers are started from the main thread and keep its priority.
+fn yield_to_the_proxy() {
+    // SAFETY: setpriority on this thread's own id only changes its nice value.
+    unsafe {
+        let thread = libc::gettid() as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, thread, CONTROL_NICE);
+    }
+}
+
+/// The control threads' nice value: about a tenth of a worker's CPU share when both compete.
+const CONTROL_NICE: libc::c_int = 10;
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|err| {
