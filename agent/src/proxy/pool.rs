@@ -140,7 +140,10 @@ impl Pool {
 
     /// Keeps a connection whose exchange is complete for the next request to `endpoint`.
     pub fn check_in(&self, endpoint: SocketAddr, mut conn: Http1Conn) {
-        if !conn.is_reusable() {
+        // Usually done with its exchange already (the body's end was just read): no need to
+        // poll it; check-out polls it anyway before it carries another request.
+        let ready = conn.connection.is_some() && conn.sender.is_ready();
+        if !ready && !conn.is_reusable() {
             return;
         }
         let mut idle = self.idle.borrow_mut();
