@@ -5,7 +5,9 @@
 
 use std::hint::black_box;
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, criterion_group, criterion_main, measurement::WallTime,
+};
 use steer::{
     check,
     config::{Config, Matcher, Release, Service, Version},
@@ -76,18 +78,28 @@ fn request(n: usize) -> HeaderPairs {
     ])
 }
 
+/// Times `decide` of `tags` (which must match a release) against `rules` of `n` releases.
+fn decide_one(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    n: usize,
+    rules: &Ruleset,
+    tags: &HeaderPairs,
+) {
+    assert!(
+        rules.decide(tags).is_some(),
+        "the benchmark request must match"
+    );
+    group.bench_with_input(BenchmarkId::from_parameter(n), tags, |b, tags| {
+        b.iter(|| black_box(rules.decide(black_box(tags))).map(|r| r.priority))
+    });
+}
+
 fn bench_decide(c: &mut Criterion) {
     let mut group = c.benchmark_group("decide");
     for n in [10, 1_000, 10_000] {
         let rules = Ruleset::compile(&releases(n)).unwrap();
         let tags = request(n);
-        assert!(
-            rules.decide(&tags).is_some(),
-            "the benchmark request must match"
-        );
-        group.bench_with_input(BenchmarkId::from_parameter(n), &tags, |b, tags| {
-            b.iter(|| black_box(rules.decide(black_box(tags))).map(|r| r.priority))
-        });
+        decide_one(&mut group, n, &rules, &tags);
     }
     group.finish();
 }
@@ -125,13 +137,7 @@ fn bench_decide_mixed(c: &mut Criterion) {
         let config = check::sample::mixed(n, 1);
         let rules = Ruleset::compile(&config).unwrap();
         let tags = mixed_request(&config);
-        assert!(
-            rules.decide(&tags).is_some(),
-            "the benchmark request must match"
-        );
-        group.bench_with_input(BenchmarkId::from_parameter(n), &tags, |b, tags| {
-            b.iter(|| black_box(rules.decide(black_box(tags))).map(|r| r.priority))
-        });
+        decide_one(&mut group, n, &rules, &tags);
     }
     group.finish();
 }

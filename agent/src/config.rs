@@ -311,39 +311,31 @@ impl Config {
 
     /// Names are DNS-like and header names short: refuses the first that is not.
     fn refuse_long_names(&self) -> Result<(), String> {
-        let too_long = |what: String, name: &str| {
-            (name.len() > MAX_NAME_BYTES)
-                .then(|| format!("{what}: {} bytes; at most {MAX_NAME_BYTES}", name.len()))
+        let check = |what: &dyn Fn() -> String, name: &str| {
+            if name.len() > MAX_NAME_BYTES {
+                return Err(format!(
+                    "{}: {} bytes; at most {MAX_NAME_BYTES}",
+                    what(),
+                    name.len()
+                ));
+            }
+            Ok(())
         };
-        let mut problems = self
-            .services
-            .iter()
-            .flat_map(|service| {
-                let versions = service.versions.iter().filter_map(|version| {
-                    too_long(
-                        format!("service `{}` version name", service.name),
-                        &version.name,
-                    )
-                });
-                too_long("service name".to_string(), &service.name)
-                    .into_iter()
-                    .chain(versions)
-            })
-            .chain(self.releases.iter().flat_map(|release| {
-                let headers = release.matchers.iter().filter_map(|m| {
-                    too_long(
-                        format!("release `{}` matcher header", release.name),
-                        &m.header,
-                    )
-                });
-                too_long("release name".to_string(), &release.name)
-                    .into_iter()
-                    .chain(headers)
-            }));
-        match problems.next() {
-            Some(problem) => Err(problem),
-            None => Ok(()),
+        for service in &self.services {
+            check(&|| "service name".into(), &service.name)?;
+            for version in &service.versions {
+                let what = || format!("service `{}` version name", service.name);
+                check(&what, &version.name)?;
+            }
         }
+        for release in &self.releases {
+            check(&|| "release name".into(), &release.name)?;
+            for matcher in &release.matchers {
+                let what = || format!("release `{}` matcher header", release.name);
+                check(&what, &matcher.header)?;
+            }
+        }
+        Ok(())
     }
 
     /// Reads and parses a YAML configuration file.

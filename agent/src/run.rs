@@ -490,6 +490,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         outside_debug_headers: options.gateway_debug_headers,
         stamp_keys: stamp_keys(&options)?,
         open_connections: AtomicUsize::new(0),
+        peak_connections: AtomicUsize::new(0),
     });
     Workers::start(shared, listeners, drain.clone())?;
 

@@ -365,6 +365,21 @@ fn oversized_request_headers_get_431() {
     );
 }
 
+/// The agent's exit status once it has exited, waiting at most `within`.
+fn exit_within(
+    agent: &mut steer_tests::Process,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        let exited = agent.try_wait().unwrap();
+        if exited.is_some() || Instant::now() >= deadline {
+            return exited;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Sends `bytes` on a new connection to `to` and reads until the peer closes or goes quiet.
 fn exchange(to: SocketAddr, bytes: &[u8]) -> String {
     let mut stream = TcpStream::connect(to).unwrap();
@@ -534,14 +549,7 @@ fn sigterm_drains_in_flight_requests_then_exits() {
         reply.body
     );
     // Within the drain grace (5 s) and the time to detach the programs.
-    let mut exited = None;
-    for _ in 0..400 {
-        exited = agent.try_wait().unwrap();
-        if exited.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let exited = exit_within(agent, Duration::from_millis(8000));
     assert!(
         exited.is_some_and(|s| s.success()),
         "steer exits cleanly after draining: {exited:?}"
@@ -916,14 +924,7 @@ fn sigterm_lets_keep_alive_clients_finish_and_keeps_tunnels_for_the_grace_period
     let n = tunnel.read(&mut echo).unwrap();
     assert_eq!(&echo[..n], b"still there");
     drop(tunnel);
-    let mut exited = None;
-    for _ in 0..250 {
-        exited = agent.try_wait().unwrap();
-        if exited.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let exited = exit_within(agent, Duration::from_millis(5000));
     assert!(
         exited.is_some_and(|s| s.success()),
         "exits once the tunnel closed: {exited:?}"

@@ -16,7 +16,7 @@ use super::{
     edges::Caller,
     error::{ProxyError, fail_to_proxy},
     headers::{prepare_uri, remove_hop_by_hop},
-    pool::Http1Conn,
+    pool::{self, Http1Conn},
     route::{Route, route},
     stamp,
     worker::{RouteEntry, Worker},
@@ -95,9 +95,8 @@ async fn forward(
     if route.strip_stamp {
         stamp::strip(request.headers_mut());
     }
-    if route.stamp.is_some()
-        && let Some(stamp) = &entry.stamp
-    {
+    // The entry's stamp is the route's release, signed.
+    if let Some(stamp) = &entry.stamp {
         stamp::write(request.headers_mut(), stamp);
     }
     prepare_uri(&mut request, &route.service.name, http2);
@@ -111,7 +110,7 @@ async fn forward(
         return Ok(response.map(ProxyBody::Streamed));
     }
     if let Some(client_upgrade) = client_upgrade {
-        let (endpoint, sender) = connect(route, upgradable).await?;
+        let (endpoint, sender) = connect(route, pool::upgradable).await?;
         let _in_flight = endpoint.start();
         let tunnel = Tunnel {
             client: client_upgrade,
@@ -219,30 +218,6 @@ async fn within<T>(
         Ok(result) => result.map_err(|cause| upstream_failed(endpoint, cause)),
         Err(_) => Err(ProxyError::Timeout { endpoint }),
     }
-}
-
-/// A connection of its own for an upgrade (WebSocket): after a 101 it becomes a tunnel.
-async fn upgradable(
-    endpoint: SocketAddr,
-) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Incoming>> {
-    use anyhow::Context as _;
-    let stream = tokio::time::timeout(
-        super::pool::CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect(endpoint),
-    )
-    .await
-    .with_context(|| format!("connect to {endpoint} timed out"))?
-    .with_context(|| format!("connect to {endpoint}"))?;
-    stream.set_nodelay(true)?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .with_context(|| format!("HTTP/1.1 handshake with {endpoint}"))?;
-    tokio::task::spawn_local(async move {
-        if let Err(err) = connection.with_upgrades().await {
-            debug!(%endpoint, error = %err, "upstream upgrade connection ended");
-        }
-    });
-    Ok(sender)
 }
 
 /// The client's side of an upgrade, and its hold on the drain: a tunnel gets the grace period

@@ -6,20 +6,24 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Headers that describe one connection, not the request (RFC 9110 section 7.6.1).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+/// Headers that describe one connection, not the request (RFC 9110 section 7.6.1), besides
+/// Connection and Upgrade, which an upgrade passed through keeps.
+fn connection_scoped() -> [&'static HeaderName; 7] {
     [
-        &http::header::CONNECTION,
         &http::header::TE,
         &http::header::TRAILER,
         &http::header::TRANSFER_ENCODING,
-        &http::header::UPGRADE,
         &http::header::PROXY_AUTHENTICATE,
         &http::header::PROXY_AUTHORIZATION,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
     ]
-    .contains(&name)
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == http::header::CONNECTION
+        || name == http::header::UPGRADE
+        || connection_scoped().contains(&name)
 }
 
 /// Removes the hop-by-hop headers, plus the ones the Connection header names.
@@ -48,15 +52,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let te_trailers = headers
         .get(http::header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in [
-        &http::header::TE,
-        &http::header::TRAILER,
-        &http::header::TRANSFER_ENCODING,
-        &http::header::PROXY_AUTHENTICATE,
-        &http::header::PROXY_AUTHORIZATION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-    ] {
+    for name in connection_scoped() {
         headers.remove(name);
     }
     if te_trailers {

@@ -26,8 +26,7 @@ pub async fn relay(worker: &Worker, mut client: TcpStream, service: &Arc<str>) {
         };
         (endpoint.address, endpoint.start())
     };
-    let connected = tokio::time::timeout(pool::CONNECT_TIMEOUT, TcpStream::connect(address)).await;
-    let Ok(Ok(mut upstream)) = connected else {
+    let Ok(mut upstream) = pool::connect(address).await else {
         debug!(service = &**service, endpoint = %address, "L4: connect failed");
         return;
     };

@@ -78,6 +78,8 @@ pub struct Shared {
     pub stamp_keys: stamp::StampKeys,
     /// Client connections open on all workers.
     pub open_connections: AtomicUsize,
+    /// The most open since freed memory was last handed back.
+    pub peak_connections: AtomicUsize,
 }
 
 /// Bounds on what clients can hold.

@@ -27,7 +27,7 @@ use tracing::debug;
 
 use super::LocalExec;
 
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Idle HTTP/1.1 connections kept per endpoint and worker (each holds ~16 KB of buffers). Below
 /// the concurrency a node sees, connections churn: at 1,000 concurrent clients a cap of 256
 /// made a connect of every other request (CPU per request 5x, like nginx's `keepalive 256`).
@@ -116,13 +116,29 @@ pub struct Pool {
     multiplexed: RefCell<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
 }
 
-async fn connect(endpoint: SocketAddr) -> Result<TcpStream> {
+/// A TCP connection to `endpoint` within `CONNECT_TIMEOUT`, with Nagle off.
+pub async fn connect(endpoint: SocketAddr) -> Result<TcpStream> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint))
         .await
         .with_context(|| format!("connect to {endpoint} timed out"))?
         .with_context(|| format!("connect to {endpoint}"))?;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// A connection of its own for an upgrade (WebSocket): after a 101 it becomes a tunnel, so it
+/// runs as a task of the worker and never returns to the pool.
+pub async fn upgradable(endpoint: SocketAddr) -> Result<http1::SendRequest<Incoming>> {
+    let io = TokioIo::new(connect(endpoint).await?);
+    let (sender, connection) = http1::handshake(io)
+        .await
+        .with_context(|| format!("HTTP/1.1 handshake with {endpoint}"))?;
+    tokio::task::spawn_local(async move {
+        if let Err(err) = connection.with_upgrades().await {
+            debug!(%endpoint, error = %err, "upstream upgrade connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 impl Pool {

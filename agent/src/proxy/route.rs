@@ -41,8 +41,6 @@ pub struct Route<'s> {
     pub from_outside: bool,
     /// Remove the stamp the request came with: from outside, or one that does not verify.
     pub strip_stamp: bool,
-    /// The release to stamp on the request before it is forwarded.
-    pub stamp: Option<&'s str>,
     /// The rules decided here (no stamp was honoured): counted as the release's traffic.
     pub decided: bool,
 }
@@ -66,16 +64,10 @@ pub fn route<'s, B>(
     let inside_mesh = listener == Listener::Redirect && connected.is_some();
     let incoming = stamp::read(headers);
     let verified = incoming.filter(|s| inside_mesh && keys.verify(s.release, s.signature));
-    let (release, stamp) = match verified {
-        // Retired: primary, and the stamp is left as it came.
-        Some(stamp) => match snapshot.rules.get(stamp.release) {
-            Some(release) => (Some(release), Some(release)),
-            None => (None, None),
-        },
-        None => {
-            let release = snapshot.rules.decide(headers);
-            (release, release)
-        }
+    let release = match verified {
+        // A retired release: primary, and the stamp is left as it came.
+        Some(stamp) => snapshot.rules.get(stamp.release),
+        None => snapshot.rules.decide(headers),
     };
     Ok(Route {
         service,
@@ -83,7 +75,6 @@ pub fn route<'s, B>(
         release,
         from_outside: !inside_mesh,
         strip_stamp: incoming.is_some() && verified.is_none(),
-        stamp: stamp.map(|r| &*r.name),
         decided: verified.is_none(),
     })
 }
@@ -166,7 +157,7 @@ mod tests {
             route.version.name.to_string(),
             route.release.map(|r| r.name.to_string()),
             route.from_outside,
-            route.stamp.map(str::to_string),
+            stamped(&route).map(str::to_string),
         )
     }
 
@@ -179,6 +170,13 @@ mod tests {
         let connected = connected.map(Arc::<str>::from);
         let request = request(headers);
         summary(route(snapshot, listener, connected.as_ref(), &keys(), &request).unwrap())
+    }
+
+    /// The release the request is stamped with on its way on: the route's release (the
+    /// request path writes the route entry's stamp, made from it). With none, a stamp that
+    /// verified is left as it came and any other was stripped.
+    fn stamped<'s>(route: &Route<'s>) -> Option<&'s str> {
+        route.release.map(|r| &*r.name)
     }
 
     /// The key the test nodes share.
@@ -284,7 +282,7 @@ mod tests {
             )
             .unwrap();
             assert!(route.strip_stamp, "{forged}");
-            assert_eq!(route.stamp, Some("red"), "{forged}");
+            assert_eq!(stamped(&route), Some("red"), "{forged}");
             assert_eq!(&*route.version.name, "v1", "red has no delivery version");
         }
     }

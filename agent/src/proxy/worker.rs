@@ -3,7 +3,7 @@
 //! stays on the worker that accepted it; nothing on the request path crosses threads.
 
 use std::{
-    cell::{Cell, RefCell},
+    cell::RefCell,
     convert::Infallible,
     future::Future,
     net::SocketAddr,
@@ -105,7 +105,7 @@ async fn run(shared: Arc<Shared>, listeners: WorkerListeners, drain: Drain) {
         loop {
             ticks.tick().await;
             sweeping.pool.sweep();
-            sweeping.connections.give_back_memory();
+            give_back_memory(&sweeping.shared);
         }
     });
     let gateway = listeners.gateway.map(|l| (l, Listener::Gateway));
@@ -131,47 +131,28 @@ async fn run(shared: Arc<Shared>, listeners: WorkerListeners, drain: Drain) {
 pub struct Worker {
     pub shared: Arc<Shared>,
     pub pool: Rc<Pool>,
-    connections: Connections,
     snapshot: RefCell<Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>>,
     routes: RefCell<RouteCache>,
     /// Each stamped release's signatures under the shared keys.
     signatures: RefCell<foldhash::HashMap<Box<str>, Vec<String>>>,
 }
 
-/// The client connections a worker holds, for handing memory back once many have closed.
-#[derive(Default)]
-struct Connections {
-    open: Cell<usize>,
-    /// The most open since memory was last handed back.
-    peak: Cell<usize>,
-}
-
-/// Handing memory back costs a walk of the allocator's arenas: only after this many closed.
+/// Handing memory back costs a walk of the allocator's heap: only after this many closed.
 const TRIM_AFTER_CLOSED: usize = 256;
 
-impl Connections {
-    fn opened(&self) -> ConnectionGuard<'_> {
-        self.open.set(self.open.get() + 1);
-        self.peak.set(self.peak.get().max(self.open.get()));
-        ConnectionGuard(self)
-    }
-
-    /// A burst of connections leaves freed buffers in the allocator's per-thread arenas;
-    /// without this an agent that once held 10,000 connections keeps their memory forever.
-    fn give_back_memory(&self) {
-        if self.peak.get() - self.open.get() >= TRIM_AFTER_CLOSED {
-            // SAFETY: malloc_trim only releases free memory of the allocator.
-            unsafe { libc::malloc_trim(0) };
-            self.peak.set(self.open.get());
-        }
-    }
-}
-
-struct ConnectionGuard<'a>(&'a Connections);
-
-impl Drop for ConnectionGuard<'_> {
-    fn drop(&mut self) {
-        self.0.open.set(self.0.open.get() - 1);
+/// A burst of connections leaves freed buffers in the allocator; without this an agent that
+/// once held 10,000 connections keeps their memory forever.
+fn give_back_memory(shared: &Shared) {
+    let open = shared.open_connections.load(Ordering::Relaxed);
+    if shared
+        .peak_connections
+        .load(Ordering::Relaxed)
+        .saturating_sub(open)
+        >= TRIM_AFTER_CLOSED
+    {
+        shared.peak_connections.store(open, Ordering::Relaxed);
+        // SAFETY: malloc_trim only releases free memory of the allocator.
+        unsafe { libc::malloc_trim(0) };
     }
 }
 
@@ -201,7 +182,6 @@ impl Worker {
             snapshot: RefCell::new(Cache::new(shared.state.clone())),
             shared,
             pool: Rc::default(),
-            connections: Connections::default(),
             routes: RefCell::default(),
             signatures: RefCell::default(),
         }
@@ -319,6 +299,9 @@ impl Admitted {
             return None;
         }
         shared.metrics.client_connections(open + 1);
+        shared
+            .peak_connections
+            .fetch_max(open + 1, Ordering::Relaxed);
         Some(admitted)
     }
 }
@@ -427,7 +410,6 @@ async fn connection(
     kind: Listener,
     mut drain: Drain,
 ) {
-    let _open = worker.connections.opened();
     let _ = stream.set_nodelay(true);
     // The original destination is known only at accept time: the record is keyed by the peer.
     let original = match (kind, &worker.shared.originals) {
