@@ -207,6 +207,9 @@ pub struct Release {
     /// Service name -> the version of that service that belongs to this release.
     #[serde(default)]
     pub targets: BTreeMap<String, String>,
+    /// Grow the release step by step on its own health instead of a fixed `percent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::rollout::Rollout>,
 }
 
 /// One condition on a request header. Exactly one of `exact`, `prefix`, `regex` is set;

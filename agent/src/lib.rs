@@ -13,6 +13,7 @@ pub mod drain;
 pub mod kubernetes;
 pub mod metrics;
 pub mod proxy;
+pub mod rollout;
 pub mod rules;
 pub mod run;
 pub mod state;

@@ -289,6 +289,13 @@ fn check_releases(config: &Config, report: &mut Report) {
                 &[name],
             );
         }
+        if let Err(reason) = crate::rollout::spec::validate(release) {
+            report.error(
+                "invalid-rollout",
+                format!("release `{name}`: {reason}"),
+                &[name],
+            );
+        }
         if release.targets.is_empty() {
             report.warning(
                 "no-targets",

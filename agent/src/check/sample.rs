@@ -80,6 +80,7 @@ pub fn mixed(releases: usize, seed: u64) -> Config {
                 percent,
                 hash_by: percent.map(|_| "x-user-id".to_string()),
                 targets,
+                rollout: None,
             }
         })
         .collect();

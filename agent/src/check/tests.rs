@@ -314,6 +314,7 @@ mod oracle {
                     percent: [None, Some(50.0), Some(100.0)][share as usize],
                     hash_by: (share > 0).then(|| HASH.to_string()),
                     targets: Default::default(),
+                    rollout: None,
                 })
                 .collect()
         })

@@ -163,6 +163,7 @@ fn to_release(release: &CanaryRelease, by_base: &BTreeMap<String, Vec<String>>) 
         percent: release.spec.percent,
         hash_by: release.spec.hash_by.clone(),
         targets,
+        rollout: None,
     }
 }
 

@@ -223,9 +223,12 @@ pub struct Share {
 }
 
 impl Share {
-    /// The share `release` takes, if it takes one, or why its percent is unusable.
+    /// The share `release` takes, if it takes one, or why its percent is unusable. A
+    /// release with a rollout is taken at its last step: what the rollout may come to (the
+    /// agent applies each step's percent in its place).
     pub fn parse(release: &Release) -> Result<Option<Share>, String> {
-        match (release.percent, &release.hash_by) {
+        let last_step = || release.rollout.as_ref()?.steps.last().copied();
+        match (release.percent.or_else(last_step), &release.hash_by) {
             (None, None) => Ok(None),
             (Some(percent), Some(hash_by)) if percent > 0.0 && percent <= 100.0 => {
                 Ok(Some(Share {

@@ -36,6 +36,7 @@ fn release(name: &str, priority: u32, matchers: Vec<Matcher>) -> Release {
         percent: None,
         hash_by: None,
         targets: Default::default(),
+        rollout: None,
     }
 }
 

@@ -1,0 +1,299 @@
+//! The rollouts of a file-mode agent: their statuses (kept in a file next to the
+//! configuration, so a restart continues where the agent stopped) and the loop that analyses
+//! each due step from the node's own figures and puts the next step's rules in force.
+
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use super::{
+    Book, Phase, RolloutStatus, analysis,
+    local::{LocalFigures, Subject, parse_totals},
+};
+use crate::{
+    check::{self, Report},
+    config::Config,
+};
+
+/// What the driver needs of the agent: put a configuration in force, and read the figures.
+pub trait Applies: Send + Sync {
+    /// Puts an effective configuration (checked already: `report`) in force.
+    fn apply_effective(&self, config: Config, report: Report) -> Result<()>;
+    /// The checker's report of the configuration in force.
+    fn report_in_force(&self) -> Arc<Report>;
+    /// The agent's metrics exposition.
+    fn metrics_text(&self) -> String;
+}
+
+/// One release's rollout as `steer rollout status` and the admin API show it.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutView {
+    pub release: String,
+    pub steps: Vec<f64>,
+    pub interval: String,
+    #[serde(flatten)]
+    pub status: RolloutStatus,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// The configuration as its source wrote it (with rollouts, without their percents).
+    source: Config,
+    book: Book,
+    /// A person resumed a rollout: its first step is to be put in force.
+    pending: bool,
+}
+
+/// The rollouts of the agent and the configuration they are part of.
+pub struct Rollouts {
+    inner: Mutex<Inner>,
+    /// Where the statuses are kept; `None`: in memory (Kubernetes keeps them in the
+    /// CanaryReleases' statuses).
+    state_file: Option<PathBuf>,
+    resumed: tokio::sync::Notify,
+}
+
+/// How often the figures are sampled and due analyses run: a tenth of the shortest interval,
+/// between these bounds.
+const FASTEST_TICK: Duration = Duration::from_millis(50);
+const SLOWEST_TICK: Duration = Duration::from_secs(1);
+
+impl Rollouts {
+    /// The statuses kept in `state_file` (none when it is absent or unreadable: the rollouts
+    /// start over, which is logged).
+    pub fn load(state_file: Option<PathBuf>) -> Rollouts {
+        let book = state_file
+            .as_ref()
+            .and_then(|path| {
+                let text = std::fs::read_to_string(path).ok()?;
+                serde_json::from_str(&text)
+                    .inspect_err(|err| {
+                        warn!(file = %path.display(), error = %err, "rollout statuses unreadable; rollouts start over")
+                    })
+                    .ok()
+            })
+            .unwrap_or_default();
+        Rollouts {
+            inner: Mutex::new(Inner {
+                book,
+                ..Inner::default()
+            }),
+            state_file,
+            resumed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies a configuration from its source: each rollout keeps its place (or begins),
+    /// and `apply` gets the configuration the rules see. On success the source and the
+    /// statuses are recorded; on failure nothing changes.
+    pub fn apply_source(
+        &self,
+        source: Config,
+        apply: impl FnOnce(Config) -> Result<()>,
+    ) -> Result<()> {
+        let mut inner = self.lock();
+        let book = super::reconcile(&source, &inner.book, jiff::Timestamp::now());
+        apply(super::effective(&source, &book))?;
+        inner.source = source;
+        inner.book = book;
+        self.persist(&inner.book);
+        Ok(())
+    }
+
+    /// Every rollout and where it stands.
+    pub fn views(&self) -> Vec<RolloutView> {
+        let inner = self.lock();
+        inner
+            .source
+            .releases
+            .iter()
+            .filter_map(|release| {
+                let rollout = release.rollout.as_ref()?;
+                Some(RolloutView {
+                    release: release.name.clone(),
+                    steps: rollout.steps.clone(),
+                    interval: format!(
+                        "{:#}",
+                        jiff::SignedDuration::try_from(rollout.interval).unwrap_or_default()
+                    ),
+                    status: inner.book.get(&release.name)?.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Starts a rolled-back release over from its first step (put in force by the driver at
+    /// once).
+    pub fn resume(&self, name: &str) -> Result<RolloutStatus, String> {
+        let mut inner = self.lock();
+        let release = inner
+            .source
+            .releases
+            .iter()
+            .find(|r| r.name == name)
+            .ok_or_else(|| format!("no release `{name}`"))?;
+        let status = inner
+            .book
+            .get(name)
+            .ok_or_else(|| format!("release `{name}` has no rollout"))?;
+        let resumed = super::resume(release, status, jiff::Timestamp::now())?;
+        info!(release = name, "rollout resumed by request");
+        inner.book.insert(name.to_string(), resumed.clone());
+        inner.pending = true;
+        self.resumed.notify_one();
+        Ok(resumed)
+    }
+
+    /// The versions to sample, how long to keep samples, and how often to look (`None`: no
+    /// rollout is progressing).
+    fn sampling(&self) -> Option<(HashSet<(String, String)>, Duration, Duration)> {
+        let inner = self.lock();
+        let mut versions = HashSet::new();
+        let mut shortest = Duration::MAX;
+        let mut longest = Duration::ZERO;
+        for release in &inner.source.releases {
+            let (Some(rollout), Some(status)) = (&release.rollout, inner.book.get(&release.name))
+            else {
+                continue;
+            };
+            if status.phase != Phase::Progressing {
+                continue;
+            }
+            let subject = Subject::of(release, &inner.source);
+            versions.extend(subject.canary.into_iter().chain(subject.primaries));
+            shortest = shortest.min(rollout.interval);
+            longest = longest.max(rollout.interval);
+        }
+        if versions.is_empty() {
+            return None;
+        }
+        let tick = (shortest / 10).clamp(FASTEST_TICK, SLOWEST_TICK);
+        Some((versions, longest + 2 * tick, tick))
+    }
+
+    /// Runs the analyses that are due and puts each resulting step in force; a step the
+    /// checker would refuse, or that would leave another release shadowed, is not taken (the
+    /// rollout stays and tries again an interval later).
+    fn step(&self, figures: &LocalFigures, applies: &dyn Applies) {
+        let now = jiff::Timestamp::now();
+        let mut inner = self.lock();
+        let Inner {
+            source,
+            book,
+            pending,
+        } = &mut *inner;
+        let mut changed = std::mem::take(pending);
+        if changed {
+            let config = super::effective(source, book);
+            let report = check::check(&config);
+            if let Err(err) = applies.apply_effective(config, report) {
+                warn!(error = %format!("{err:#}"), "resumed rollout not applied");
+            }
+        }
+        let due: Vec<String> = book
+            .iter()
+            .filter(|(_, status)| status.due(now))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            let Some(release) = source.releases.iter().find(|r| r.name == name) else {
+                continue;
+            };
+            let (Some(rollout), Some(status)) = (&release.rollout, book.get(&name).cloned()) else {
+                continue;
+            };
+            let window = figures.window(&Subject::of(release, source), rollout.interval);
+            let record = analysis::judge(&rollout.analysis, &window, now);
+            let next = status.after_analysis(rollout, record, now);
+            info!(release = %name, outcome = ?next.phase, "{}", next.message);
+            changed = true;
+            if next.share() == status.share() {
+                book.insert(name, next);
+                continue;
+            }
+            let mut candidate = book.clone();
+            candidate.insert(name.clone(), next.clone());
+            let config = super::effective(source, &candidate);
+            let report = check::check(&config);
+            let refused = match next.phase {
+                // Taking traffic away never breaks a rule; growing may.
+                Phase::RolledBack | Phase::Promoted => None,
+                Phase::Progressing | Phase::Succeeded => {
+                    super::breaks_rules(&applies.report_in_force(), &report)
+                }
+            };
+            let applied = match refused {
+                Some(reason) => Err(anyhow::anyhow!(reason)),
+                None => applies.apply_effective(config, report),
+            };
+            match applied {
+                Ok(()) => *book = candidate,
+                Err(err) => {
+                    let reason = format!("{err:#}");
+                    warn!(release = %name, reason, "rollout step not taken");
+                    let blocked = RolloutStatus {
+                        last_analysis: next.last_analysis,
+                        ..status.blocked(rollout, &reason, now)
+                    };
+                    book.insert(name, blocked);
+                }
+            }
+        }
+        if changed {
+            self.persist(book);
+        }
+    }
+
+    /// Writes the statuses (whole, then renamed into place: never half a file).
+    fn persist(&self, book: &Book) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let written = (|| -> Result<()> {
+            let partial = path.with_extension("json.partial");
+            std::fs::write(&partial, serde_json::to_vec_pretty(book)?)
+                .with_context(|| format!("cannot write {}", partial.display()))?;
+            std::fs::rename(&partial, path)
+                .with_context(|| format!("cannot replace {}", path.display()))
+        })();
+        if let Err(err) = written {
+            warn!(error = %format!("{err:#}"), "rollout statuses not saved");
+        }
+    }
+}
+
+/// Samples the figures and runs due analyses for as long as the agent runs.
+pub async fn drive(rollouts: Arc<Rollouts>, applies: Arc<dyn Applies>) {
+    let figures = Arc::new(Mutex::new(LocalFigures::new(Instant::now())));
+    loop {
+        let sampling = rollouts.sampling();
+        let tick = sampling.as_ref().map_or(SLOWEST_TICK, |(_, _, tick)| *tick);
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = rollouts.resumed.notified() => {}
+        }
+        let (rollouts, applies, figures) = (rollouts.clone(), applies.clone(), figures.clone());
+        // Parsing the metrics and checking a step are CPU work: on the blocking pool.
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut figures = figures.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((versions, keep, _)) = sampling {
+                let totals = parse_totals(&applies.metrics_text(), &versions);
+                figures.record(Instant::now(), totals, keep);
+            }
+            rollouts.step(&figures, applies.as_ref());
+        })
+        .await;
+    }
+}

@@ -1,0 +1,245 @@
+use std::time::Duration;
+
+use super::*;
+use crate::{check, rules::Share};
+
+const CONFIG: &str = r#"
+services:
+  - name: restaurant
+    versions:
+      - { name: v1, primary: true }
+      - { name: v2 }
+      - { name: v3 }
+  - name: delivery
+    versions:
+      - { name: v1, primary: true }
+      - { name: v2 }
+releases:
+  - name: android
+    priority: 2
+    match: [{ header: x-device, exact: android }]
+    hashBy: x-user-id
+    targets: { restaurant: v2, delivery: v2 }
+    rollout:
+      steps: [1, 5, 10, 25, 50, 100]
+      interval: 2m
+      analysis: { minRequests: 100, maxErrorRate: 1%, maxLatencyP99Ratio: 1.5 }
+  - name: fixed
+    priority: 1
+    match: [{ header: x-region, exact: atlantis }]
+    targets: { restaurant: v3 }
+"#;
+
+fn config() -> Config {
+    Config::from_yaml(CONFIG, "t.yaml").unwrap()
+}
+
+fn t(seconds: i64) -> jiff::Timestamp {
+    jiff::Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+}
+
+fn record(outcome: Outcome) -> AnalysisRecord {
+    AnalysisRecord {
+        at: t(0),
+        outcome,
+        message: format!("{outcome:?}"),
+        requests: 1000,
+        errors: 0,
+        error_rate: 0.0,
+        p99: None,
+        primary_p99: None,
+        p99_ratio: None,
+        primary_requests: 0,
+    }
+}
+
+#[test]
+fn a_healthy_rollout_walks_every_step_then_succeeds() {
+    let config = config();
+    let release = &config.releases[0];
+    let rollout = release.rollout.as_ref().unwrap();
+    let mut status = begin(release, rollout, t(0));
+    assert_eq!((status.step, status.percent), (0, 1.0));
+    assert!(!status.due(t(119)));
+    assert!(status.due(t(120)));
+    let mut seen = vec![status.percent];
+    let mut now = 0;
+    while status.phase == Phase::Progressing {
+        now += 120;
+        status = status.after_analysis(rollout, record(Outcome::Passed), t(now));
+        seen.push(status.percent);
+    }
+    assert_eq!(seen, [1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 100.0]);
+    assert_eq!(status.phase, Phase::Succeeded);
+    assert!(
+        status.message.contains("promotion proposed"),
+        "{}",
+        status.message
+    );
+    assert_eq!(status.share(), Some(100.0));
+    assert_eq!(status.promoted().share(), None);
+}
+
+#[test]
+fn waiting_keeps_the_step_and_failing_rolls_back_until_resumed() {
+    let config = config();
+    let release = &config.releases[0];
+    let rollout = release.rollout.as_ref().unwrap();
+    let status = begin(release, rollout, t(0));
+    let waited = status.after_analysis(rollout, record(Outcome::Waited), t(120));
+    assert_eq!((waited.step, waited.percent), (0, 1.0));
+    assert_eq!(waited.next_analysis_at, Some(t(240)));
+    assert!(waited.message.contains("waiting"), "{}", waited.message);
+
+    let failed = waited.after_analysis(rollout, record(Outcome::Failed), t(240));
+    assert_eq!(failed.phase, Phase::RolledBack);
+    assert_eq!((failed.percent, failed.share()), (0.0, None));
+    assert!(!failed.due(t(100_000)), "held until a person resumes it");
+    assert_eq!(
+        failed.last_analysis.as_ref().unwrap().outcome,
+        Outcome::Failed
+    );
+
+    let err = resume(release, &status, t(300)).unwrap_err();
+    assert!(err.contains("not rolled back"), "{err}");
+    let resumed = resume(release, &failed, t(300)).unwrap();
+    assert_eq!((resumed.phase, resumed.step), (Phase::Progressing, 0));
+    assert_eq!(resumed.next_analysis_at, Some(t(420)));
+    assert!(resumed.last_analysis.is_some(), "the failure stays visible");
+}
+
+#[test]
+fn the_rules_see_each_step_and_a_rolled_back_release_not_at_all() {
+    let config = config();
+    let release = &config.releases[0];
+    let rollout = release.rollout.as_ref().unwrap();
+    let book = reconcile(&config, &Book::new(), t(0));
+    assert_eq!(book.len(), 1, "only releases with a rollout");
+    let in_force = effective(&config, &book);
+    assert_eq!(in_force.releases[0].percent, Some(1.0));
+    assert!(in_force.releases[0].rollout.is_none());
+    assert_eq!(in_force.releases[1], config.releases[1]);
+    let report = check::check(&in_force);
+    assert!(report.valid, "{report:?}");
+
+    let failed = book["android"].after_analysis(rollout, record(Outcome::Failed), t(120));
+    let book = Book::from([("android".to_string(), failed)]);
+    let in_force = effective(&config, &book);
+    assert_eq!(in_force.releases.len(), 1);
+    assert_eq!(in_force.releases[0].name, "fixed");
+}
+
+#[test]
+fn a_rollout_keeps_its_place_across_edits_but_starts_over_for_new_versions() {
+    let config = config();
+    let release = &config.releases[0];
+    let rollout = release.rollout.as_ref().unwrap();
+    let book = reconcile(&config, &Book::new(), t(0));
+    let advanced = book["android"].after_analysis(rollout, record(Outcome::Passed), t(120));
+    let book = Book::from([("android".to_string(), advanced.clone())]);
+
+    let mut edited = config.clone();
+    edited.releases[0].priority = 5;
+    assert_eq!(reconcile(&edited, &book, t(130))["android"], advanced);
+
+    let mut new_version = config.clone();
+    new_version.releases[0]
+        .targets
+        .insert("restaurant".into(), "v1".into());
+    let restarted = &reconcile(&new_version, &book, t(130))["android"];
+    assert_eq!((restarted.step, restarted.step_started_at), (0, t(130)));
+
+    let mut gone = config.clone();
+    gone.releases.remove(0);
+    assert!(reconcile(&gone, &book, t(130)).is_empty());
+}
+
+#[test]
+fn each_steps_users_are_a_superset_of_the_last() {
+    let config = config();
+    let mut release = config.releases[0].clone();
+    let steps = release.rollout.take().unwrap().steps;
+    let users: Vec<String> = (0..20_000).map(|i| format!("user-{i}")).collect();
+    let mut previous: Vec<&String> = Vec::new();
+    for percent in steps {
+        release.percent = Some(percent);
+        let share = Share::parse(&release).unwrap().unwrap();
+        let inside: Vec<&String> = users
+            .iter()
+            .filter(|user| share.admits(&release.name, user))
+            .collect();
+        let measured = inside.len() as f64 / users.len() as f64 * 100.0;
+        assert!((measured - percent).abs() < 1.0, "{percent}%: {measured}");
+        assert!(
+            previous.iter().all(|user| inside.contains(user)),
+            "{percent}%: someone of the last step is out"
+        );
+        previous = inside;
+    }
+}
+
+#[test]
+fn a_step_that_would_shadow_or_tie_another_release_is_named() {
+    let text = r#"
+services:
+  - name: s
+    versions: [{ name: v1, primary: true }, { name: v2 }, { name: v3 }]
+releases:
+  - name: wide
+    priority: 1
+    match: [{ header: x-device, prefix: "" }]
+    hashBy: x-user-id
+    targets: { s: v2 }
+    rollout: { steps: [50, 100], interval: 1m }
+  - name: narrow
+    priority: 2
+    match: [{ header: x-device, exact: android }]
+    hashBy: x-user-id
+    percent: 100
+    targets: { s: v3 }
+"#;
+    let config = Config::from_yaml(text, "t.yaml").unwrap();
+    let release = &config.releases[0];
+    let rollout = release.rollout.as_ref().unwrap();
+    let book = reconcile(&config, &Book::new(), t(0));
+    let before = check::check(&effective(&config, &book));
+    assert!(before.valid && before.shadowed.is_empty(), "{before:?}");
+    let next = book["wide"].after_analysis(rollout, record(Outcome::Passed), t(60));
+    let book = Book::from([("wide".to_string(), next)]);
+    let after = check::check(&effective(&config, &book));
+    let reason = breaks_rules(&before, &after).expect("100% of everyone shadows `narrow`");
+    assert!(
+        reason.contains("shadowed") && reason.contains("`narrow`"),
+        "{reason}"
+    );
+    assert_eq!(breaks_rules(&before, &before), None);
+}
+
+#[test]
+fn promotion_makes_the_releases_versions_primary_and_drops_the_release() {
+    let config = config();
+    let promoted = promote(&config, "android").unwrap();
+    for service in &promoted.services {
+        assert_eq!(service.primary().unwrap().name, "v2", "{}", service.name);
+        assert!(
+            service.versions.iter().any(|v| v.name == "v1"),
+            "the old primary stays"
+        );
+    }
+    assert_eq!(promoted.releases.len(), 1);
+    let report = check::check(&promoted);
+    assert!(report.valid, "{report:?}");
+    assert!(promote(&config, "nope").unwrap_err().contains("no release"));
+}
+
+#[test]
+fn statuses_read_and_write_as_json_with_timestamps() {
+    let config = config();
+    let book = reconcile(&config, &Book::new(), t(0));
+    let json = serde_json::to_value(&book).unwrap();
+    assert_eq!(json["android"]["phase"], "Progressing");
+    assert_eq!(json["android"]["nextAnalysisAt"], "2027-01-15T08:02:00Z");
+    let back: Book = serde_json::from_value(json).unwrap();
+    assert_eq!(back, book);
+    let _ = Duration::ZERO;
+}
