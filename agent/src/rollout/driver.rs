@@ -112,6 +112,14 @@ impl Rollouts {
         Ok(())
     }
 
+    /// Shows rollouts whose statuses a source keeps itself (Kubernetes: the CanaryReleases'
+    /// statuses): `views` reads them, nothing is driven or saved here.
+    pub fn show(&self, source: Config, book: Book) {
+        let mut inner = self.lock();
+        inner.source = source;
+        inner.book = book;
+    }
+
     /// Every rollout and where it stands.
     pub fn views(&self) -> Vec<RolloutView> {
         let inner = self.lock();
