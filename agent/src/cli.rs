@@ -51,6 +51,11 @@ enum Command {
         /// With --kubernetes: the namespace of the election's Lease (the agent's own).
         #[arg(long, env = "POD_NAMESPACE", default_value = "steer-system")]
         lease_namespace: String,
+        /// With --kubernetes: the Prometheus that scrapes the agents (`http://host:port`),
+        /// where the status writer reads the figures of the rollouts' analyses. Without it
+        /// rollouts do not advance.
+        #[arg(long, value_parser = parse_prometheus_url)]
+        prometheus_url: Option<crate::kubernetes::prometheus::Prometheus>,
         /// Where redirected pod connections arrive: addresses of the node, at most one per IP
         /// family, comma-separated (`10.0.0.5:15001,[fd00::5]:15001`; a bare IP takes port
         /// 15001). Connections of a family without one are not redirected.
@@ -134,6 +139,10 @@ enum Command {
     },
 }
 
+fn parse_prometheus_url(url: &str) -> Result<crate::kubernetes::prometheus::Prometheus, String> {
+    crate::kubernetes::prometheus::Prometheus::new(url).map_err(|err| format!("{err:#}"))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Format {
     Text,
@@ -152,6 +161,7 @@ impl Cli {
                 version_label,
                 node_name,
                 lease_namespace,
+                prometheus_url,
                 listen,
                 admin,
                 gateway,
@@ -172,6 +182,7 @@ impl Cli {
                         lease_namespace,
                         // The agent fills it in once the datapath is attached.
                         cgroup_root: None,
+                        prometheus: prometheus_url,
                     }),
                 },
                 listen,

@@ -516,11 +516,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
             let on_verdicts: kubernetes::OnVerdicts = Box::new(move |verdicts| {
                 *page.left_out.lock().unwrap_or_else(|e| e.into_inner()) = left_out(verdicts);
             });
+            // The CanaryReleases' statuses keep the rollouts; this only shows them.
+            let rollouts = Arc::new(crate::rollout::driver::Rollouts::load(None));
             tokio::spawn(kubernetes::run(
                 client,
                 kube_options,
                 apply,
                 on_verdicts,
+                rollouts,
                 metrics.clone(),
                 drain.clone(),
             ))

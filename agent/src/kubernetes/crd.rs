@@ -8,7 +8,10 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Matcher;
+use crate::{
+    config::Matcher,
+    rollout::{Rollout, RolloutStatus},
+};
 
 /// A canary release: the requests it takes (all matchers must hold) and, per service, the
 /// version that serves them. The release is `metadata.name`; a target names a Service of the
@@ -30,6 +33,19 @@ use crate::config::Matcher;
     printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority"),
     printcolumn(name = "Match", type_ = "string", json_path = ".status.matchSummary"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "Rollout", type_ = "string", json_path = ".status.rollout.phase"),
+    printcolumn(name = "Step", type_ = "integer", json_path = ".status.rollout.step"),
+    printcolumn(name = "Percent", type_ = "number", json_path = ".status.rollout.percent"),
+    printcolumn(
+        name = "Analysis",
+        type_ = "string",
+        json_path = ".status.rollout.lastAnalysis.outcome"
+    ),
+    printcolumn(
+        name = "Next Analysis",
+        type_ = "date",
+        json_path = ".status.rollout.nextAnalysisAt"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -37,9 +53,17 @@ use crate::config::Matcher;
     )
 )]
 #[serde(rename_all = "camelCase")]
+// The rollout rules mirror `rollout::spec::validate`, so the API server refuses what the
+// checker would.
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "has(self.percent) == has(self.hashBy)",
+    "rule": "has(self.rollout) || has(self.percent) == has(self.hashBy)",
     "message": "percent and hashBy go together: hashBy names the header that keeps a user on one side"
+}, {
+    "rule": "!has(self.rollout) || !has(self.percent)",
+    "message": "percent and rollout exclude each other: the rollout sets the percent of each step"
+}, {
+    "rule": "!has(self.rollout) || has(self.hashBy)",
+    "message": "a rollout needs hashBy, the header that keeps each user on one side of every step (e.g. x-user-id)"
 }]))]
 pub struct CanaryReleaseSpec {
     /// Smaller number = higher priority: priority 1 beats priority 2.
@@ -58,6 +82,11 @@ pub struct CanaryReleaseSpec {
     /// Service -> the version of that service that belongs to this release.
     #[serde(default)]
     pub targets: BTreeMap<String, String>,
+    /// Grow the release step by step on its own health (instead of `percent`; needs
+    /// `hashBy`). Where it stands is in `status.rollout`; a rolled-back rollout starts over
+    /// when the annotation `steer.dev/rollout-resume` gets a new value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
 }
 
 /// What the agents made of a release, written by one agent (the leader).
@@ -77,6 +106,24 @@ pub struct CanaryReleaseStatus {
     /// conflicting release and why).
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// Where the rollout stands (written by the agent that runs the analyses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+    /// The value of the annotation `steer.dev/rollout-resume` the rollout last took notice
+    /// of: a different value resumes a rolled-back rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_resume: Option<String>,
+}
+
+impl CanaryReleaseStatus {
+    /// The part the verdict writer owns: without what the rollout driver writes.
+    pub fn verdicts_only(&self) -> CanaryReleaseStatus {
+        CanaryReleaseStatus {
+            rollout: None,
+            rollout_resume: None,
+            ..self.clone()
+        }
+    }
 }
 
 /// The CRD as YAML: what `steer crd` prints and `deploy/crd.yaml` holds.
@@ -266,6 +313,19 @@ mod tests {
             .flatten()
             .map(|c| c.name.as_str())
             .collect();
-        assert_eq!(columns, ["Priority", "Match", "State", "Age"]);
+        assert_eq!(
+            columns,
+            [
+                "Priority",
+                "Match",
+                "State",
+                "Rollout",
+                "Step",
+                "Percent",
+                "Analysis",
+                "Next Analysis",
+                "Age"
+            ]
+        );
     }
 }

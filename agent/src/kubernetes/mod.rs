@@ -10,6 +10,8 @@ pub mod cache;
 pub mod crd;
 pub mod leader;
 pub mod opt_out;
+pub mod prometheus;
+pub mod rollout;
 pub mod status;
 pub mod translate;
 
@@ -45,18 +47,21 @@ use self::{
     cache::Cache,
     crd::CanaryRelease,
     leader::Elector,
+    prometheus::Prometheus,
     status::desired_status,
     translate::{Cluster, State, Verdict, release_key, translate},
 };
-use crate::{check::Report, config::Config, drain::Drain, metrics::Metrics};
+use crate::{
+    check::Report, config::Config, drain::Drain, metrics::Metrics, rollout::driver::Rollouts,
+};
 
 /// A burst of events (a rollout, a re-list) becomes one rebuild.
 const SETTLE: Duration = Duration::from_millis(50);
 /// How soon a round that failed in part (a status write, the datapath) is tried again.
 const RETRY: Duration = Duration::from_secs(5);
-/// The status writer's pace: a full pass over 10,000 changed verdicts takes 40 s, and the API
+/// The status writers' pace: a full pass over 10,000 changed verdicts takes 40 s, and the API
 /// server never sees more than this from steer.
-const STATUS_WRITES_PER_SECOND: u32 = 250;
+pub(crate) const STATUS_WRITES_PER_SECOND: u32 = 250;
 /// Status writes awaiting their answer at once: the pace holds up to 32 ms per write.
 const STATUS_WRITES_IN_FLIGHT: usize = 8;
 
@@ -71,6 +76,8 @@ pub struct KubernetesOptions {
     /// The cgroup the datapath attaches to, below which opted-out pods' cgroups are looked
     /// for; `None` without the datapath.
     pub cgroup_root: Option<PathBuf>,
+    /// Where the rollouts' analyses get their figures; `None`: rollouts do not advance.
+    pub prometheus: Option<Prometheus>,
 }
 
 /// A configuration the source built, with the checker's report on exactly it (valid): putting
@@ -97,6 +104,7 @@ pub async fn run(
     options: KubernetesOptions,
     apply: Apply,
     on_verdicts: OnVerdicts,
+    rollouts: Arc<Rollouts>,
     metrics: Arc<Metrics>,
     mut drain: Drain,
 ) {
@@ -148,16 +156,34 @@ pub async fn run(
         leading.clone(),
         verdicts_rx,
     ));
+    let (rollout_source, rollout_source_rx) = watch::channel(None);
+    let driver = tokio::spawn(rollout::drive(
+        rollout::Driver {
+            client: client.clone(),
+            releases: releases.clone(),
+            leading: leading.clone(),
+            prometheus: options.prometheus.clone(),
+        },
+        rollout_source_rx,
+    ));
     let stores = Stores {
         releases,
         services,
         slices,
         pods,
     };
+    let outputs = Outputs {
+        apply,
+        on_verdicts,
+        verdicts,
+        rollouts,
+        rollout_source,
+    };
     tokio::select! {
-        _ = follow(&options, &apply, &on_verdicts, &metrics, &changed, &leading, &verdicts, stores) => {}
+        _ = follow(&options, &outputs, &metrics, &changed, &leading, stores) => {}
         _ = drain.signaled() => {}
     }
+    driver.abort();
     writer.abort();
     campaign.abort();
     if let Err(err) = elector.release().await {
@@ -173,19 +199,35 @@ struct Stores {
     pods: Cache<PartialObjectMeta<Pod>>,
 }
 
+/// Where each rebuild goes.
+struct Outputs {
+    apply: Apply,
+    on_verdicts: OnVerdicts,
+    /// To the status writer.
+    verdicts: watch::Sender<Option<Arc<Verdicts>>>,
+    /// The admin page's rollouts.
+    rollouts: Arc<Rollouts>,
+    /// To the rollout driver: the configuration with its rollouts.
+    rollout_source: watch::Sender<Option<Arc<Config>>>,
+}
+
 /// Rebuilds the configuration on every change, applies it, and hands the verdicts to the
 /// status writer when this agent is the one.
-#[allow(clippy::too_many_arguments)]
 async fn follow(
     options: &KubernetesOptions,
-    apply: &Apply,
-    on_verdicts: &OnVerdicts,
+    outputs: &Outputs,
     metrics: &Metrics,
     changed: &Notify,
     leading: &AtomicBool,
-    verdicts: &watch::Sender<Option<Arc<Verdicts>>>,
     stores: Stores,
 ) {
+    let Outputs {
+        apply,
+        on_verdicts,
+        verdicts,
+        rollouts,
+        rollout_source,
+    } = outputs;
     let Stores {
         releases,
         services,
@@ -214,6 +256,7 @@ async fn follow(
         // Sorted: a store's order changes with its updates, the cluster it holds does not.
         let cluster = Arc::new(Cluster {
             releases: sorted(current.iter().map(|r| without_status(r))),
+            rollouts: rollout::stored(current.iter().map(|r| &**r)),
             services: sorted(services.state().iter().map(|s| (**s).clone())),
             slices: sorted(slices.state().iter().map(|s| (**s).clone())),
             pods: pods
@@ -262,12 +305,19 @@ async fn follow(
                         verdicts.send_replace(Some(Arc::new(translation.verdicts)));
                         written = Some(cluster.clone());
                     }
+                    let (config, report) = rollout::in_force(
+                        translation.config,
+                        translation.report,
+                        &cluster.rollouts,
+                        rollouts,
+                        rollout_source,
+                    );
                     let checked = Checked {
                         config: Config {
                             opt_out_cgroups: opt_out.clone(),
-                            ..translation.config
+                            ..config
                         },
-                        report: translation.report,
+                        report,
                     };
                     if apply_due && apply(Ok(checked)).is_ok() {
                         applied = Some(cluster.clone());
@@ -418,7 +468,9 @@ async fn write_pass(
             let key = release_key(&namespace, &name);
             let verdict = verdicts.get(&key)?;
             let status = desired_status(&release, verdict, now.clone());
-            (release.status.as_ref() != Some(&status)).then(|| {
+            // The rollout's part is the driver's: neither compared nor written here.
+            let current = release.status.as_ref().map(|s| s.verdicts_only());
+            (current.as_ref() != Some(&status)).then(|| {
                 let state = verdict.state.as_str();
                 (namespace, name, key, state, status)
             })

@@ -70,6 +70,7 @@ pub fn desired_status(
         state: Some(verdict.state.as_str().to_string()),
         match_summary: Some(match_summary(release)),
         conditions,
+        ..CanaryReleaseStatus::default()
     }
 }
 
@@ -92,6 +93,7 @@ mod tests {
                 percent: None,
                 hash_by: None,
                 targets: Default::default(),
+                rollout: None,
             },
         );
         release.metadata.generation = Some(3);

@@ -41,6 +41,8 @@ pub struct Cluster {
     pub pods: PodLabels,
     /// The UIDs of the pods annotated out of redirection (`opt_out`).
     pub opted_out: BTreeSet<String>,
+    /// The rollout statuses the releases hold (routing reads them, the translation does not).
+    pub rollouts: crate::rollout::Book,
 }
 
 /// What became of one CanaryRelease.
@@ -126,6 +128,11 @@ pub fn translate(cluster: &Cluster, version_label: &str) -> Result<Translation> 
     resolve(config, &age)
 }
 
+/// The name `release` has in the snapshot.
+pub fn key_of(release: &CanaryRelease) -> String {
+    release_key(namespace_of(release), name_of(release))
+}
+
 fn namespace_of(release: &CanaryRelease) -> &str {
     release.metadata.namespace.as_deref().unwrap_or("default")
 }
@@ -163,7 +170,7 @@ fn to_release(release: &CanaryRelease, by_base: &BTreeMap<String, Vec<String>>) 
         percent: release.spec.percent,
         hash_by: release.spec.hash_by.clone(),
         targets,
-        rollout: None,
+        rollout: release.spec.rollout.clone(),
     }
 }
 

@@ -41,8 +41,9 @@ impl Subject {
         }
     }
 
-    /// The cumulative figures of this subject in `totals`.
-    fn window(&self, totals: &Totals) -> Window {
+    /// The figures of this subject in `totals` (cumulative, or one interval's from
+    /// Prometheus): exactly its (service, version) pairs.
+    pub fn window(&self, totals: &Totals) -> Window {
         let mut window = Window::default();
         for ((service, version, release), traffic) in totals {
             let route = (service.clone(), version.clone());

@@ -44,7 +44,8 @@ pub struct Analysis {
     /// The release's p99 latency (to response headers) may be at most this many times the
     /// p99 of the primary versions of the same services; unchecked when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("exclusiveMinimum" = 0))]
+    // OpenAPI v3.0 (the CRD's schema): a boolean qualifies `minimum`.
+    #[schemars(extend("minimum" = 0, "exclusiveMinimum" = true))]
     pub max_latency_p99_ratio: Option<f64>,
 }
 

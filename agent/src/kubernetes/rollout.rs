@@ -1,0 +1,366 @@
+//! Rollouts on Kubernetes. Every agent routes a rolling release at the step its CanaryRelease's
+//! status holds (`in_force`); the agent holding the status writer's Lease drives them
+//! (`drive`): it runs each due analysis over Prometheus, writes the next step into the status,
+//! resumes a rolled-back rollout when its annotation changes, and promotes one that succeeded
+//! by switching its Services' primary version. The state is the status alone, so a new writer
+//! continues where the last one stopped.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::Service;
+use kube::{
+    Api, Client, ResourceExt,
+    api::{Patch, PatchParams},
+};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::{
+    STATUS_WRITES_PER_SECOND,
+    cache::Cache,
+    crd::CanaryRelease,
+    prometheus::Prometheus,
+    translate::{PRIMARY_ANNOTATION, key_of},
+};
+use crate::{
+    check::{self, Report},
+    config::{Config, Release},
+    rollout::{
+        self, Book, OnSuccess, Phase, Rollout, RolloutStatus,
+        analysis::judge,
+        driver::Rollouts,
+        local::Subject,
+    },
+};
+
+/// A new value resumes a rolled-back rollout from its first step (the value last acted on is
+/// `status.rolloutResume`).
+pub const RESUME_ANNOTATION: &str = "steer.dev/rollout-resume";
+/// How often the writer looks for due analyses: well within the shortest sensible interval.
+const TICK: Duration = Duration::from_millis(500);
+
+/// The rollout statuses the CanaryReleases hold, by release.
+pub fn stored<'a>(releases: impl IntoIterator<Item = &'a CanaryRelease>) -> Book {
+    releases
+        .into_iter()
+        .filter_map(|release| {
+            let status = release.status.as_ref()?.rollout.clone()?;
+            Some((key_of(release), status))
+        })
+        .collect()
+}
+
+/// What the rules see of a translated configuration (checked): each rolling release at the
+/// step its status holds, a new or changed one at its first step, a rolled-back or promoted
+/// one left out. Shows the rollouts on the admin page and hands the configuration to the
+/// driver.
+pub fn in_force(
+    config: Config,
+    report: Report,
+    stored: &Book,
+    rollouts: &Rollouts,
+    source: &watch::Sender<Option<Arc<Config>>>,
+) -> (Config, Report) {
+    if !config.releases.iter().any(|r| r.rollout.is_some()) {
+        rollouts.show(Config::default(), Book::new());
+        source.send_replace(None);
+        return (config, report);
+    }
+    let book = rollout::reconcile(&config, stored, jiff::Timestamp::now());
+    let effective = rollout::effective(&config, &book);
+    let report = check::check(&effective);
+    rollouts.show(config.clone(), book);
+    source.send_replace(Some(Arc::new(config)));
+    (effective, report)
+}
+
+/// What the driver needs.
+pub struct Driver {
+    pub client: Client,
+    pub releases: Cache<CanaryRelease>,
+    pub leading: Arc<AtomicBool>,
+    /// `None`: no analysis can run, and the statuses say so.
+    pub prometheus: Option<Prometheus>,
+}
+
+/// A status to write: the rollout's, and the resume annotation's value acted on.
+type Update = (RolloutStatus, Option<String>);
+
+/// Drives the rollouts while this agent is the status writer, for as long as the agent runs.
+pub async fn drive(driver: Driver, source: watch::Receiver<Option<Arc<Config>>>) {
+    let mut pace = tokio::time::interval(Duration::from_secs(1) / STATUS_WRITES_PER_SECOND);
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::time::sleep(TICK).await;
+        let config = source.borrow().clone();
+        let Some(config) = config.filter(|_| driver.leading.load(Ordering::Relaxed)) else {
+            continue;
+        };
+        let objects: HashMap<String, Arc<CanaryRelease>> = driver
+            .releases
+            .state()
+            .into_iter()
+            .map(|r| (key_of(&r), r))
+            .collect();
+        let now = jiff::Timestamp::now();
+        let book = rollout::reconcile(&config, &stored(objects.values().map(|r| &**r)), now);
+        for release in &config.releases {
+            let (Some(rollout), Some(object)) = (&release.rollout, objects.get(&release.name))
+            else {
+                continue;
+            };
+            let Some(update) = driver
+                .next(&config, &book, release, rollout, object, now)
+                .await
+            else {
+                continue;
+            };
+            pace.tick().await;
+            if !driver.leading.load(Ordering::Relaxed) {
+                break;
+            }
+            driver.write(object, update).await;
+        }
+    }
+}
+
+impl Driver {
+    /// Where `release`'s rollout goes now, if anywhere.
+    async fn next(
+        &self,
+        config: &Arc<Config>,
+        book: &Book,
+        release: &Release,
+        rollout: &Rollout,
+        object: &CanaryRelease,
+        now: jiff::Timestamp,
+    ) -> Option<Update> {
+        let status = object.status.as_ref();
+        let asked = object.annotations().get(RESUME_ANNOTATION).cloned();
+        let noted = status.and_then(|s| s.rollout_resume.clone());
+        let current = status
+            .and_then(|s| s.rollout.as_ref())
+            .filter(|s| s.fingerprint == rollout::fingerprint(release));
+        let Some(current) = current else {
+            // New, or its rollout or targets changed: the first step. A resume asked before
+            // is noted, not acted on.
+            info!(release = %release.name, "rollout begins");
+            return Some((rollout::begin(release, rollout, now), asked));
+        };
+        if asked != noted {
+            let resumed = match asked.as_ref().map(|_| rollout::resume(release, current, now)) {
+                Some(Ok(resumed)) => {
+                    info!(release = %release.name, "rollout resumed by its annotation");
+                    resumed
+                }
+                Some(Err(reason)) => {
+                    info!(release = %release.name, reason, "resume annotation: nothing to resume");
+                    current.clone()
+                }
+                None => current.clone(),
+            };
+            return Some((resumed, asked));
+        }
+        let next = match current.phase {
+            // A promotion that failed is tried again at its next time.
+            Phase::Succeeded
+                if rollout.on_success == OnSuccess::Promote
+                    && current.next_analysis_at.is_none_or(|at| at <= now) =>
+            {
+                self.promote(object, rollout, current, now).await
+            }
+            Phase::Progressing if current.due(now) => {
+                self.analyse(config, book, release, rollout, object, current, now)
+                    .await
+            }
+            _ => return None,
+        };
+        (next != *current).then_some((next, asked))
+    }
+
+    /// Runs the analysis of the step `current` is at and takes the rollout where it leads:
+    /// never further than the checker allows, and nowhere without figures.
+    #[allow(clippy::too_many_arguments)]
+    async fn analyse(
+        &self,
+        config: &Arc<Config>,
+        book: &Book,
+        release: &Release,
+        rollout: &Rollout,
+        object: &CanaryRelease,
+        current: &RolloutStatus,
+        now: jiff::Timestamp,
+    ) -> RolloutStatus {
+        let Some(prometheus) = &self.prometheus else {
+            return current.blocked(
+                rollout,
+                "no Prometheus to analyse with: start the agents with --prometheus-url",
+                now,
+            );
+        };
+        let subject = Subject::of(release, config);
+        let window = match prometheus.window(&subject, rollout.interval, now).await {
+            Ok(window) => window,
+            Err(err) => {
+                let reason = format!("{err:#}");
+                warn!(release = %release.name, reason, "rollout analysis: no figures; the step holds");
+                return current.blocked(rollout, &format!("{reason}; the step holds"), now);
+            }
+        };
+        let record = judge(&rollout.analysis, &window, now);
+        let next = current.after_analysis(rollout, record, now);
+        info!(release = %release.name, phase = ?next.phase, "{}", next.message);
+        let grows = matches!(next.phase, Phase::Progressing | Phase::Succeeded)
+            && next.share() != current.share();
+        if grows {
+            let mut candidate = book.clone();
+            candidate.insert(release.name.clone(), next.clone());
+            let (config, book) = (config.clone(), book.clone());
+            // Checking is CPU work: on the blocking pool.
+            let refused = tokio::task::spawn_blocking(move || {
+                let before = check::check(&rollout::effective(&config, &book));
+                let after = check::check(&rollout::effective(&config, &candidate));
+                rollout::breaks_rules(&before, &after)
+            })
+            .await
+            .unwrap_or_else(|err| Some(format!("the check failed: {err}")));
+            if let Some(reason) = refused {
+                warn!(release = %release.name, reason, "rollout step not taken");
+                return RolloutStatus {
+                    last_analysis: next.last_analysis,
+                    ..current.blocked(rollout, &reason, now)
+                };
+            }
+        }
+        if next.phase == Phase::Succeeded && rollout.on_success == OnSuccess::Promote {
+            return self.promote(object, rollout, &next, now).await;
+        }
+        next
+    }
+
+    /// Makes the release's versions the primaries of their Services; on failure the rollout
+    /// stays succeeded (at its last step) and tries again an interval later.
+    async fn promote(
+        &self,
+        object: &CanaryRelease,
+        rollout: &Rollout,
+        succeeded: &RolloutStatus,
+        now: jiff::Timestamp,
+    ) -> RolloutStatus {
+        match self.switch_primaries(object).await {
+            Ok(()) => {
+                info!(release = %key_of(object), "rollout promoted: its versions are primary");
+                succeeded.promoted()
+            }
+            Err(err) => {
+                let reason = format!("{err:#}");
+                warn!(release = %key_of(object), reason, "promotion failed; tried again later");
+                RolloutStatus {
+                    message: format!(
+                        "succeeded at {}%; promotion pending: {reason}",
+                        succeeded.percent
+                    ),
+                    next_analysis_at: Some(
+                        now.checked_add(
+                            jiff::SignedDuration::try_from(rollout.interval).unwrap_or_default(),
+                        )
+                        .unwrap_or(now),
+                    ),
+                    ..succeeded.clone()
+                }
+            }
+        }
+    }
+
+    /// Points each target Service's primary-version annotation at the release's version.
+    async fn switch_primaries(&self, object: &CanaryRelease) -> Result<()> {
+        let own = object.namespace().unwrap_or_else(|| "default".into());
+        for (service, version) in &object.spec.targets {
+            let (name, namespace) = service
+                .split_once('.')
+                .unwrap_or((service.as_str(), own.as_str()));
+            let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
+            let patch = json!({"metadata": {"annotations": {PRIMARY_ANNOTATION: version}}});
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .with_context(|| {
+                    format!("cannot make {version} the primary version of Service {namespace}/{name}")
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Writes a rollout's status, on the condition that the release is as it was read: a
+    /// stale read (the watch behind our last write) or another writer makes it a conflict,
+    /// and the next round reads again.
+    async fn write(&self, object: &CanaryRelease, (status, resume): Update) {
+        let key = key_of(object);
+        let api: Api<CanaryRelease> = Api::namespaced(
+            self.client.clone(),
+            &object.namespace().unwrap_or_else(|| "default".into()),
+        );
+        let old = serde_json::to_value(object.status.as_ref().and_then(|s| s.rollout.as_ref()))
+            .unwrap_or(Value::Null);
+        let new = serde_json::to_value(&status).expect("a status serialises");
+        let patch = json!({
+            "metadata": {"resourceVersion": object.resource_version()},
+            "status": {"rollout": merge_patch(&old, new), "rolloutResume": resume},
+        });
+        match api
+            .patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => info!(release = %key, phase = ?status.phase, step = status.step, percent = status.percent, "rollout status written"),
+            Err(kube::Error::Api(answer)) if answer.code == 409 => {
+                debug!(release = %key, "the release changed meanwhile; read again next round")
+            }
+            Err(err) => warn!(release = %key, error = %err, "cannot write the rollout status"),
+        }
+    }
+}
+
+/// `new` as a JSON merge patch over `old`: the fields `old` has and `new` lacks become null
+/// (removed), where a plain patch would leave them as they were.
+fn merge_patch(old: &Value, new: Value) -> Value {
+    match (old, new) {
+        (Value::Object(old), Value::Object(mut new)) => {
+            for (key, value) in new.iter_mut() {
+                if let Some(before) = old.get(key) {
+                    *value = merge_patch(before, value.take());
+                }
+            }
+            for key in old.keys() {
+                new.entry(key.clone()).or_insert(Value::Null);
+            }
+            Value::Object(new)
+        }
+        (_, new) => new,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_merge_patch_removes_what_the_new_status_lacks() {
+        let old = json!({"phase": "Progressing", "nextAnalysisAt": "t",
+                         "lastAnalysis": {"p99": 0.1, "requests": 5}});
+        let new = json!({"phase": "RolledBack", "lastAnalysis": {"requests": 9}});
+        assert_eq!(
+            merge_patch(&old, new),
+            json!({"phase": "RolledBack", "nextAnalysisAt": null,
+                   "lastAnalysis": {"p99": null, "requests": 9}})
+        );
+        assert_eq!(merge_patch(&Value::Null, json!({"a": 1})), json!({"a": 1}));
+    }
+}
