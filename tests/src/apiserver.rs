@@ -1,7 +1,8 @@
 //! A small Kubernetes API server for tests: what a test puts in, the kube client's watchers
 //! get, in the API's wire format (lists, chunked watch streams, `410 Gone` when the history a
-//! watch resumes from is gone, merge patches of the status subresource, Leases with optimistic
-//! concurrency), plus outages on demand. And [`objects_from_config`]: a file-format
+//! watch resumes from is gone, merge patches of the status subresource and of Services, with
+//! `metadata.resourceVersion` as a precondition, Leases with optimistic concurrency), plus
+//! outages on demand. And [`objects_from_config`]: a file-format
 //! configuration as the cluster objects that express it.
 
 use std::{
@@ -47,7 +48,7 @@ pub struct State {
     /// Collection -> the events so far, by resource version, for watches that resume.
     history: BTreeMap<&'static str, Vec<(u64, Value)>>,
     pub lease: Option<Value>,
-    /// Status patches received: (namespace/name, status).
+    /// Status patches applied: (namespace/name, status).
     patches: Vec<(String, Value)>,
     /// When set, every request fails with 500 and open watches end.
     outage: bool,
@@ -202,6 +203,14 @@ impl ApiServer {
         self.state.lock().unwrap().patches.clone()
     }
 
+    /// An object as the server holds it now.
+    pub fn object(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        self.object_in(
+            collection(kind),
+            &(namespace.to_string(), name.to_string()),
+        )
+    }
+
     async fn handle(
         &self,
         request: Request<hyper::body::Incoming>,
@@ -222,6 +231,9 @@ impl ApiServer {
                 self.list(path)
             }
             (Method::PATCH, path) if path.ends_with("/status") => self.patch_status(path, &body),
+            (Method::PATCH, path) if path.starts_with("/api/v1/namespaces/") => {
+                self.patch_service(path, &body)
+            }
             (_, path) if path.starts_with(LEASE) => self.lease(path, &body),
             (method, path) => status(StatusCode::NOT_FOUND, &format!("{method} {path}")),
         }
@@ -329,24 +341,58 @@ impl ApiServer {
         let parts: Vec<&str> = path.split('/').collect();
         let (namespace, name) = (parts[5].to_string(), parts[7].to_string());
         let patch: Value = serde_json::from_slice(body).unwrap();
-        let object = {
-            let mut state = self.state.lock().unwrap();
-            state
+        // The status subresource takes the status alone (and the precondition).
+        let status_patch = json!({"metadata": {"resourceVersion": patch["metadata"]["resourceVersion"]},
+                                  "status": patch["status"]});
+        let reply = self.merge_patch(RELEASES, (namespace.clone(), name.clone()), &status_patch);
+        if reply.status() == StatusCode::OK {
+            self.state
+                .lock()
+                .unwrap()
                 .patches
                 .push((format!("{namespace}/{name}"), patch["status"].clone()));
-            let Some(object) = state
-                .objects
-                .get(RELEASES)
-                .and_then(|o| o.get(&(namespace.clone(), name.clone())))
-            else {
-                return status(StatusCode::NOT_FOUND, "no such release");
+        }
+        reply
+    }
+
+    fn patch_service(&self, path: &str, body: &[u8]) -> Response<BoxBody<Bytes, Infallible>> {
+        // /api/v1/namespaces/{ns}/services/{name}
+        let parts: Vec<&str> = path.split('/').collect();
+        if parts.len() != 7 || parts[5] != "services" {
+            return status(StatusCode::NOT_FOUND, path);
+        }
+        let patch: Value = serde_json::from_slice(body).unwrap();
+        self.merge_patch(SERVICES, (parts[4].to_string(), parts[6].to_string()), &patch)
+    }
+
+    /// An RFC 7386 merge patch; a `metadata.resourceVersion` in it must be the object's.
+    fn merge_patch(
+        &self,
+        collection: &'static str,
+        key: Key,
+        patch: &Value,
+    ) -> Response<BoxBody<Bytes, Infallible>> {
+        let object = {
+            let state = self.state.lock().unwrap();
+            let Some(object) = state.objects.get(collection).and_then(|o| o.get(&key)) else {
+                return status(StatusCode::NOT_FOUND, &format!("no {key:?} in {collection}"));
             };
+            let wanted = &patch["metadata"]["resourceVersion"];
+            if !wanted.is_null() && *wanted != object["metadata"]["resourceVersion"] {
+                return status(StatusCode::CONFLICT, "the object has been modified");
+            }
             let mut object = object.clone();
-            object["status"] = patch["status"].clone();
+            merge(&mut object, patch);
             object
         };
         self.put(object.clone());
+        let object = self.object_in(collection, &key).unwrap_or(object);
         json_reply(StatusCode::OK, object)
+    }
+
+    fn object_in(&self, collection: &'static str, key: &Key) -> Option<Value> {
+        let state = self.state.lock().unwrap();
+        state.objects.get(collection)?.get(key).cloned()
     }
 
     fn lease(&self, path: &str, body: &[u8]) -> Response<BoxBody<Bytes, Infallible>> {
@@ -367,6 +413,25 @@ impl ApiServer {
         lease["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
         state.lease = Some(lease.clone());
         json_reply(StatusCode::OK, lease)
+    }
+}
+
+/// RFC 7386: objects merge, null removes, anything else replaces.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let target = target.as_object_mut().unwrap();
+    for (key, value) in patch {
+        if value.is_null() {
+            target.remove(key);
+        } else {
+            merge(target.entry(key.clone()).or_insert(Value::Null), value);
+        }
     }
 }
 
@@ -450,9 +515,14 @@ pub fn objects_from_config(config: &Config, namespace: &str) -> Vec<Value> {
     for (i, release) in config.releases.iter().enumerate() {
         let mut spec = json!({"priority": release.priority, "match": release.matchers,
                               "targets": release.targets});
-        if let (Some(percent), Some(hash_by)) = (release.percent, &release.hash_by) {
+        if let Some(percent) = release.percent {
             spec["percent"] = json!(percent);
+        }
+        if let Some(hash_by) = &release.hash_by {
             spec["hashBy"] = json!(hash_by);
+        }
+        if let Some(rollout) = &release.rollout {
+            spec["rollout"] = json!(rollout);
         }
         objects.push(json!({
             "apiVersion": "steer.dev/v1alpha1", "kind": "CanaryRelease",

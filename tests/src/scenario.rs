@@ -153,6 +153,16 @@ impl Scenario {
         calls: &[(&str, &[&str])],
         node: Node,
     ) -> Result<Scenario> {
+        Self::deploy_kubernetes_with(fixture, calls, node, Vec::new())
+    }
+
+    /// `deploy_kubernetes` with more arguments of `steer run` (`agent_args`) from the start.
+    pub fn deploy_kubernetes_with(
+        fixture: &Path,
+        calls: &[(&str, &[&str])],
+        node: Node,
+        agent_args: Vec<String>,
+    ) -> Result<Scenario> {
         let text = remap(&std::fs::read_to_string(fixture)?, &node);
         let config = Config::from_yaml(&text, &fixture.display().to_string())?;
         let runtime = tokio::runtime::Runtime::new()?;
@@ -180,7 +190,7 @@ impl Scenario {
             gateway: SocketAddr::from((node.address, GATEWAY_PORT)),
             admin: SocketAddr::from((node.address, ADMIN_PORT)),
             node,
-            agent_args: Vec::new(),
+            agent_args,
             _dir: TempDir(dir),
         };
         scenario.start_workload(calls)?;

@@ -89,6 +89,7 @@ fn start_source(server: &ApiServer) -> Source {
         identity: "node-1".into(),
         lease_namespace: "steer-system".into(),
         cgroup_root: None,
+        prometheus: None,
     };
     let apply: kubernetes::Apply = Box::new(move |checked| {
         let config = checked?.config;
@@ -102,6 +103,7 @@ fn start_source(server: &ApiServer) -> Source {
         options,
         apply,
         Box::new(|_| {}),
+        Arc::new(steer::rollout::driver::Rollouts::load(None)),
         metrics.clone(),
         drain,
     ));

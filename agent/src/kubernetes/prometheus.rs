@@ -323,8 +323,8 @@ mod tests {
         ];
         let buckets: Vec<(&[(&str, &str)], &str)> =
             buckets.iter().map(|(l, v)| (&l[..], *v)).collect();
-        let totals = totals(&vector(&requests), &vector(&buckets)).unwrap();
-        let window = subject().window(&totals);
+        let figures = totals(&vector(&requests), &vector(&buckets)).unwrap();
+        let window = subject().window(&figures);
         assert_eq!((window.canary.requests, window.canary.errors), (148, 3));
         assert_eq!(
             window.canary.latency,

@@ -128,7 +128,23 @@ pub async fn drive(driver: Driver, source: watch::Receiver<Option<Arc<Config>>>)
             if !driver.leading.load(Ordering::Relaxed) {
                 break;
             }
-            driver.write(object, update).await;
+            driver.write(object, update, true).await;
+        }
+        // Promotions, from the releases themselves: a release whose versions were made
+        // primary may be out of the configuration (it claims primaries) before its status
+        // says it was promoted.
+        for object in objects.values() {
+            let Some(update) = driver.promotion(&config, object, now).await else {
+                continue;
+            };
+            pace.tick().await;
+            if !driver.leading.load(Ordering::Relaxed) {
+                break;
+            }
+            // Unconditional: switching the primaries twice, or writing Promoted twice, is
+            // harmless, and a conflict would leave the release out of the rules and out of
+            // the configuration with its promotion unwritten.
+            driver.write(object, update, false).await;
         }
     }
 }
@@ -170,33 +186,48 @@ impl Driver {
             };
             return Some((resumed, asked));
         }
-        let next = match current.phase {
-            // A promotion that failed is tried again at its next time.
-            Phase::Succeeded
-                if rollout.on_success == OnSuccess::Promote
-                    && current.next_analysis_at.is_none_or(|at| at <= now) =>
-            {
-                self.promote(object, rollout, current, now).await
-            }
-            Phase::Progressing if current.due(now) => {
-                self.analyse(config, book, release, rollout, object, current, now)
-                    .await
-            }
-            _ => return None,
-        };
-        (next != *current).then_some((next, asked))
+        if !current.due(now) {
+            return None;
+        }
+        let next = self.analyse(config, book, release, rollout, current, now).await;
+        Some((next, asked))
+    }
+
+    /// A succeeded rollout to be promoted (`onSuccess: promote`), promoted; a promotion that
+    /// failed is tried again at its next time.
+    async fn promotion(
+        &self,
+        config: &Config,
+        object: &CanaryRelease,
+        now: jiff::Timestamp,
+    ) -> Option<Update> {
+        let status = object.status.as_ref()?;
+        let current = status.rollout.as_ref()?;
+        let rollout = object.spec.rollout.as_ref()?;
+        let waiting = current.next_analysis_at.is_some_and(|at| at > now);
+        if current.phase != Phase::Succeeded || rollout.on_success != OnSuccess::Promote || waiting
+        {
+            return None;
+        }
+        let key = key_of(object);
+        // Changed since it succeeded: it begins again instead.
+        if let Some(release) = config.releases.iter().find(|r| r.name == key)
+            && rollout::fingerprint(release) != current.fingerprint
+        {
+            return None;
+        }
+        let next = self.promote(object, rollout, current, now).await;
+        Some((next, status.rollout_resume.clone()))
     }
 
     /// Runs the analysis of the step `current` is at and takes the rollout where it leads:
     /// never further than the checker allows, and nowhere without figures.
-    #[allow(clippy::too_many_arguments)]
     async fn analyse(
         &self,
         config: &Arc<Config>,
         book: &Book,
         release: &Release,
         rollout: &Rollout,
-        object: &CanaryRelease,
         current: &RolloutStatus,
         now: jiff::Timestamp,
     ) -> RolloutStatus {
@@ -242,7 +273,11 @@ impl Driver {
             }
         }
         if next.phase == Phase::Succeeded && rollout.on_success == OnSuccess::Promote {
-            return self.promote(object, rollout, &next, now).await;
+            // Written first, then promoted (`promotion`): the status holds the intent.
+            return RolloutStatus {
+                message: format!("succeeded at {}%; promoting", next.percent),
+                ..next
+            };
         }
         next
     }
@@ -299,10 +334,10 @@ impl Driver {
         Ok(())
     }
 
-    /// Writes a rollout's status, on the condition that the release is as it was read: a
-    /// stale read (the watch behind our last write) or another writer makes it a conflict,
-    /// and the next round reads again.
-    async fn write(&self, object: &CanaryRelease, (status, resume): Update) {
+    /// Writes a rollout's status; when `guarded`, on the condition that the release is as it
+    /// was read: a stale read (the watch behind our last write) or another writer makes it a
+    /// conflict, and the next round reads again.
+    async fn write(&self, object: &CanaryRelease, (status, resume): Update, guarded: bool) {
         let key = key_of(object);
         let api: Api<CanaryRelease> = Api::namespaced(
             self.client.clone(),
@@ -311,10 +346,12 @@ impl Driver {
         let old = serde_json::to_value(object.status.as_ref().and_then(|s| s.rollout.as_ref()))
             .unwrap_or(Value::Null);
         let new = serde_json::to_value(&status).expect("a status serialises");
-        let patch = json!({
-            "metadata": {"resourceVersion": object.resource_version()},
+        let mut patch = json!({
             "status": {"rollout": merge_patch(&old, new), "rolloutResume": resume},
         });
+        if guarded {
+            patch["metadata"] = json!({"resourceVersion": object.resource_version()});
+        }
         match api
             .patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
             .await

@@ -17,6 +17,7 @@ use super::crd::CanaryRelease;
 use crate::{
     check,
     config::{AppProtocol, Config, Release, Service, Version, timeout_format},
+    rollout::{Phase, fingerprint},
     rules::Test,
 };
 
@@ -120,12 +121,34 @@ pub fn translate(cluster: &Cluster, version_label: &str) -> Result<Translation> 
         .enumerate()
         .map(|(i, r)| (release_key(namespace_of(r), name_of(r)), i))
         .collect();
+    // A promoted release's versions are the primaries now: it takes no traffic of its own,
+    // and the checker would refuse it for claiming primaries.
+    let (promoted, releases): (Vec<Release>, Vec<Release>) = releases
+        .iter()
+        .map(|r| to_release(r, &by_base))
+        .partition(|release| {
+            cluster.rollouts.get(&release.name).is_some_and(|status| {
+                status.phase == Phase::Promoted && status.fingerprint == fingerprint(release)
+            })
+        });
     let config = Config {
         services: services.into_iter().map(|(_, s)| s).collect(),
-        releases: releases.iter().map(|r| to_release(r, &by_base)).collect(),
+        releases,
         ..Config::default()
     };
-    resolve(config, &age)
+    let mut translation = resolve(config, &age)?;
+    for release in promoted {
+        let verdict = Verdict {
+            state: State::Accepted,
+            reason: "Promoted".to_string(),
+            message: "promoted: its versions are the primaries now, it takes no traffic of its \
+                      own"
+                .to_string(),
+            related: vec![],
+        };
+        translation.verdicts.insert(release.name, verdict);
+    }
+    Ok(translation)
 }
 
 /// The name `release` has in the snapshot.
