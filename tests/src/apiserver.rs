@@ -205,10 +205,7 @@ impl ApiServer {
 
     /// An object as the server holds it now.
     pub fn object(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-        self.object_in(
-            collection(kind),
-            &(namespace.to_string(), name.to_string()),
-        )
+        self.object_in(collection(kind), &(namespace.to_string(), name.to_string()))
     }
 
     async fn handle(
@@ -362,7 +359,11 @@ impl ApiServer {
             return status(StatusCode::NOT_FOUND, path);
         }
         let patch: Value = serde_json::from_slice(body).unwrap();
-        self.merge_patch(SERVICES, (parts[4].to_string(), parts[6].to_string()), &patch)
+        self.merge_patch(
+            SERVICES,
+            (parts[4].to_string(), parts[6].to_string()),
+            &patch,
+        )
     }
 
     /// An RFC 7386 merge patch; a `metadata.resourceVersion` in it must be the object's.
@@ -375,7 +376,10 @@ impl ApiServer {
         let object = {
             let state = self.state.lock().unwrap();
             let Some(object) = state.objects.get(collection).and_then(|o| o.get(&key)) else {
-                return status(StatusCode::NOT_FOUND, &format!("no {key:?} in {collection}"));
+                return status(
+                    StatusCode::NOT_FOUND,
+                    &format!("no {key:?} in {collection}"),
+                );
             };
             let wanted = &patch["metadata"]["resourceVersion"];
             if !wanted.is_null() && *wanted != object["metadata"]["resourceVersion"] {

@@ -33,9 +33,17 @@ use crate::{
     printcolumn(name = "Priority", type_ = "integer", json_path = ".spec.priority"),
     printcolumn(name = "Match", type_ = "string", json_path = ".status.matchSummary"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
-    printcolumn(name = "Rollout", type_ = "string", json_path = ".status.rollout.phase"),
+    printcolumn(
+        name = "Rollout",
+        type_ = "string",
+        json_path = ".status.rollout.phase"
+    ),
     printcolumn(name = "Step", type_ = "integer", json_path = ".status.rollout.step"),
-    printcolumn(name = "Percent", type_ = "number", json_path = ".status.rollout.percent"),
+    printcolumn(
+        name = "Percent",
+        type_ = "number",
+        json_path = ".status.rollout.percent"
+    ),
     printcolumn(
         name = "Analysis",
         type_ = "string",
@@ -246,6 +254,16 @@ mod tests {
             json!({"priority": 1, "match": good["match"], "percent": 0, "hashBy": "x-user-id"}),
         ));
         cases.push((
+            "rollout without steps",
+            json!({"priority": 1, "match": good["match"], "hashBy": "x-user-id",
+                   "rollout": {"interval": "1m"}}),
+        ));
+        cases.push((
+            "error rate not a percentage",
+            json!({"priority": 1, "match": good["match"], "hashBy": "x-user-id",
+                   "rollout": {"steps": [5], "interval": "1m", "analysis": {"maxErrorRate": "1"}}}),
+        ));
+        cases.push((
             "target version not a string",
             json!({"priority": 1, "match": good["match"], "targets": {"restaurant": 2}}),
         ));
@@ -275,6 +293,17 @@ mod tests {
             cel_errors(matcher(json!({"header": "x", "regex": "android|ios"}))),
             Vec::<String>::new()
         );
+        // A rollout with hashBy and without percent: the rollout sets the percent.
+        let rolling = json!({"priority": 1, "match": [{"header": "x", "exact": "a"}],
+                             "hashBy": "x-user-id",
+                             "rollout": {"steps": [1, 5, 10, 25, 50, 100], "interval": "2m",
+                                         "analysis": {"minRequests": 100, "maxErrorRate": "1%",
+                                                      "maxLatencyP99Ratio": 1.5},
+                                         "onSuccess": "hold"}});
+        assert_eq!(cel_errors(rolling.clone()), Vec::<String>::new());
+        assert!(spec_validator().is_valid(&rolling));
+        let spec: CanaryReleaseSpec = serde_json::from_value(rolling).unwrap();
+        assert_eq!(spec.rollout.unwrap().steps.len(), 6);
         let cases = [
             (
                 matcher(json!({"header": "x", "regex": "(unclosed"})),
@@ -291,6 +320,17 @@ mod tests {
             (
                 json!({"priority": 1, "match": [{"header": "x", "exact": "a"}], "percent": 10}),
                 "percent and hashBy go together",
+            ),
+            (
+                json!({"priority": 1, "match": [{"header": "x", "exact": "a"}],
+                       "rollout": {"steps": [5, 100], "interval": "1m"}}),
+                "a rollout needs hashBy",
+            ),
+            (
+                json!({"priority": 1, "match": [{"header": "x", "exact": "a"}],
+                       "percent": 10, "hashBy": "x-user-id",
+                       "rollout": {"steps": [5, 100], "interval": "1m"}}),
+                "percent and rollout exclude each other",
             ),
         ];
         for (spec, reason) in cases {

@@ -39,7 +39,11 @@ impl Prometheus {
             .authority()
             .with_context(|| format!("--prometheus-url `{url}` has no host"))?;
         Ok(Prometheus {
-            authority: format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80)),
+            authority: format!(
+                "{}:{}",
+                authority.host(),
+                authority.port_u16().unwrap_or(80)
+            ),
             prefix: uri.path().trim_end_matches('/').to_string(),
         })
     }
@@ -68,7 +72,12 @@ impl Prometheus {
         );
         tokio::time::timeout(QUERY_TIMEOUT, self.get(&path))
             .await
-            .with_context(|| format!("no answer from Prometheus at {} in {QUERY_TIMEOUT:?}", self.authority))?
+            .with_context(|| {
+                format!(
+                    "no answer from Prometheus at {} in {QUERY_TIMEOUT:?}",
+                    self.authority
+                )
+            })?
     }
 
     async fn get(&self, path: &str) -> Result<String> {
@@ -133,7 +142,11 @@ pub fn queries(subject: &Subject, over: Duration) -> (String, String) {
 fn alternatives(names: &BTreeSet<&str>) -> String {
     names
         .iter()
-        .map(|name| regex::escape(name).replace('\\', "\\\\").replace('"', "\\\""))
+        .map(|name| {
+            regex::escape(name)
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+        })
         .collect::<Vec<_>>()
         .join("|")
 }
@@ -291,7 +304,8 @@ mod tests {
         let route = |s: &'static str, v: &'static str, r: &'static str| {
             [("service", s), ("version", v), ("release", r)]
         };
-        let with = |route: [(&'static str, &'static str); 3], extra: (&'static str, &'static str)| {
+        let with = |route: [(&'static str, &'static str); 3],
+                    extra: (&'static str, &'static str)| {
             let mut labels = route.to_vec();
             labels.push(extra);
             labels

@@ -35,9 +35,7 @@ use crate::{
     check::{self, Report},
     config::{Config, Release},
     rollout::{
-        self, Book, OnSuccess, Phase, Rollout, RolloutStatus,
-        analysis::judge,
-        driver::Rollouts,
+        self, Book, OnSuccess, Phase, Rollout, RolloutStatus, analysis::judge, driver::Rollouts,
         local::Subject,
     },
 };
@@ -173,7 +171,10 @@ impl Driver {
             return Some((rollout::begin(release, rollout, now), asked));
         };
         if asked != noted {
-            let resumed = match asked.as_ref().map(|_| rollout::resume(release, current, now)) {
+            let resumed = match asked
+                .as_ref()
+                .map(|_| rollout::resume(release, current, now))
+            {
                 Some(Ok(resumed)) => {
                     info!(release = %release.name, "rollout resumed by its annotation");
                     resumed
@@ -189,7 +190,9 @@ impl Driver {
         if !current.due(now) {
             return None;
         }
-        let next = self.analyse(config, book, release, rollout, current, now).await;
+        let next = self
+            .analyse(config, book, release, rollout, current, now)
+            .await;
         Some((next, asked))
     }
 
@@ -328,7 +331,9 @@ impl Driver {
             api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .with_context(|| {
-                    format!("cannot make {version} the primary version of Service {namespace}/{name}")
+                    format!(
+                        "cannot make {version} the primary version of Service {namespace}/{name}"
+                    )
                 })?;
         }
         Ok(())
@@ -353,10 +358,16 @@ impl Driver {
             patch["metadata"] = json!({"resourceVersion": object.resource_version()});
         }
         match api
-            .patch_status(&object.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(
+                &object.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
             .await
         {
-            Ok(_) => info!(release = %key, phase = ?status.phase, step = status.step, percent = status.percent, "rollout status written"),
+            Ok(_) => {
+                info!(release = %key, phase = ?status.phase, step = status.step, percent = status.percent, "rollout status written")
+            }
             Err(kube::Error::Api(answer)) if answer.code == 409 => {
                 debug!(release = %key, "the release changed meanwhile; read again next round")
             }
@@ -387,6 +398,164 @@ fn merge_patch(old: &Value, new: Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        kubernetes::crd::CanaryReleaseStatus,
+        rollout::{AnalysisRecord, Outcome},
+    };
+
+    const CONFIG: &str = "services:\n  - name: a\n    versions: [{name: v1, primary: true}, \
+                          {name: v2}]\nreleases:\n  - {name: ns/r, priority: 1, \
+                          hashBy: x-user-id, match: [{header: x, exact: y}], targets: {a: v2}, \
+                          rollout: {steps: [10, 50, 100], interval: 1m}}\n";
+
+    fn t(seconds: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+    }
+
+    fn passed(at: jiff::Timestamp) -> AnalysisRecord {
+        AnalysisRecord {
+            at,
+            outcome: Outcome::Passed,
+            message: "fine".into(),
+            requests: 500,
+            errors: 1,
+            error_rate: 0.002,
+            p99: Some(0.05),
+            primary_p99: Some(0.04),
+            p99_ratio: Some(1.25),
+            primary_requests: 5000,
+        }
+    }
+
+    #[test]
+    fn every_agent_routes_at_the_step_the_status_holds() {
+        let config = Config::from_yaml(CONFIG, "t.yaml").unwrap();
+        let release = &config.releases[0];
+        let rollout = release.rollout.as_ref().unwrap();
+        let rollouts = Rollouts::load(None);
+        let (source, driven) = watch::channel(None);
+        let percent_in_force = |stored: &Book| {
+            let report = check::check(&config);
+            let (config, report) = in_force(config.clone(), report, stored, &rollouts, &source);
+            assert!(report.valid, "{:?}", report.errors);
+            config
+                .releases
+                .first()
+                .map(|r| (r.percent, r.rollout.is_some()))
+        };
+        // No status yet: the first step.
+        assert_eq!(percent_in_force(&Book::new()), Some((Some(10.0), false)));
+        assert_eq!(rollouts.views()[0].status.step, 0);
+        let driving = driven.borrow().clone().unwrap();
+        assert!(
+            driving.releases[0].rollout.is_some(),
+            "the driver sees the rollout"
+        );
+        // At the second step.
+        let second =
+            rollout::begin(release, rollout, t(0)).after_analysis(rollout, passed(t(60)), t(60));
+        let stored = Book::from([("ns/r".to_string(), second.clone())]);
+        assert_eq!(percent_in_force(&stored), Some((Some(50.0), false)));
+        assert_eq!(rollouts.views()[0].status, second);
+        // A status about another rollout: the first step again.
+        let other = RolloutStatus {
+            fingerprint: "another".into(),
+            ..second.clone()
+        };
+        let stored = Book::from([("ns/r".to_string(), other)]);
+        assert_eq!(percent_in_force(&stored), Some((Some(10.0), false)));
+        // Rolled back: out of the rules.
+        let failed = AnalysisRecord {
+            outcome: Outcome::Failed,
+            ..passed(t(120))
+        };
+        let rolled_back = second.after_analysis(rollout, failed, t(120));
+        let stored = Book::from([("ns/r".to_string(), rolled_back)]);
+        assert_eq!(percent_in_force(&stored), None);
+        // Without rollouts the translation is in force as it is, and the driver idles.
+        let plain = Config::from_yaml("services: []\n", "t.yaml").unwrap();
+        let report = check::check(&plain);
+        in_force(plain, report, &Book::new(), &rollouts, &source);
+        assert!(driven.borrow().is_none());
+        assert!(rollouts.views().is_empty());
+    }
+
+    /// RFC 7386, as the API server applies a merge patch.
+    fn apply(target: &mut Value, patch: &Value) {
+        let Value::Object(patch) = patch else {
+            *target = patch.clone();
+            return;
+        };
+        if !target.is_object() {
+            *target = json!({});
+        }
+        let object = target.as_object_mut().unwrap();
+        for (key, value) in patch {
+            if value.is_null() {
+                object.remove(key);
+            } else {
+                apply(object.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+    }
+
+    /// Each status of a rollout's life, written over the one before as the driver writes it
+    /// (a merge patch), is what the API server then holds, and the CRD's schema takes it.
+    #[test]
+    fn statuses_written_as_the_api_server_applies_them() {
+        let config = Config::from_yaml(CONFIG, "t.yaml").unwrap();
+        let release = &config.releases[0];
+        let rollout = release.rollout.as_ref().unwrap();
+        let crd = serde_json::to_value(<CanaryRelease as kube::CustomResourceExt>::crd()).unwrap();
+        let schema =
+            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"];
+        let validator = jsonschema::options()
+            .with_draft(jsonschema::Draft::Draft4)
+            .build(schema)
+            .unwrap();
+        let begun = rollout::begin(release, rollout, t(0));
+        let second = begun.after_analysis(rollout, passed(t(60)), t(60));
+        let failed = AnalysisRecord {
+            outcome: Outcome::Failed,
+            p99: None,
+            primary_p99: None,
+            p99_ratio: None,
+            ..passed(t(120))
+        };
+        let rolled_back = second.after_analysis(rollout, failed, t(120));
+        let resumed = rollout::resume(release, &rolled_back, t(180)).unwrap();
+        let promoted = resumed.promoted();
+        let mut held = json!({"state": "Accepted", "conditions": []});
+        let mut before: Option<RolloutStatus> = None;
+        for (status, resume) in [
+            (begun, None),
+            (second, None),
+            (rolled_back, None),
+            (resumed, Some("1")),
+            (promoted, Some("1")),
+        ] {
+            let old = serde_json::to_value(before.as_ref()).unwrap();
+            let new = serde_json::to_value(&status).unwrap();
+            let patch = json!({"rollout": merge_patch(&old, new), "rolloutResume": resume});
+            apply(&mut held, &patch);
+            let read: CanaryReleaseStatus = serde_json::from_value(held.clone()).unwrap();
+            assert_eq!(read.rollout.as_ref(), Some(&status), "{held}");
+            assert_eq!(read.rollout_resume.as_deref(), resume);
+            assert_eq!(
+                read.state.as_deref(),
+                Some("Accepted"),
+                "the verdict's part stays"
+            );
+            let errors: Vec<String> = validator
+                .iter_errors(&held)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(errors.is_empty(), "{errors:?}: {held}");
+            before = Some(status);
+        }
+        // Rolled back, the next analysis time and the figures' p99 went: removed, not left.
+        assert!(held["rollout"].get("nextAnalysisAt").is_none(), "{held}");
+    }
 
     #[test]
     fn a_merge_patch_removes_what_the_new_status_lacks() {

@@ -143,7 +143,7 @@ pub fn translate(cluster: &Cluster, version_label: &str) -> Result<Translation> 
             reason: "Promoted".to_string(),
             message: "promoted: its versions are the primaries now, it takes no traffic of its \
                       own"
-                .to_string(),
+            .to_string(),
             related: vec![],
         };
         translation.verdicts.insert(release.name, verdict);

@@ -159,12 +159,10 @@ async fn handle(
     }
     // `x-demo-fail: service/version` makes that version answer 500 (a failing canary).
     let failing = format!("{}/{}", args.service, args.version);
-    if req
-        .headers()
-        .get_all("x-demo-fail")
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|v| v.trim() == failing)))
-    {
+    if req.headers().get_all("x-demo-fail").iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|v| v.trim() == failing))
+    }) {
         status = StatusCode::INTERNAL_SERVER_ERROR;
     }
     let body = Full::new(Bytes::from(

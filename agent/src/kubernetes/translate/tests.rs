@@ -361,3 +361,65 @@ fn match_summary_reads_in_one_line() {
         "x-device=android, x-user^=beta-, x-region~atl.*"
     );
 }
+
+#[test]
+fn a_rollout_is_carried_and_a_promoted_release_is_left_out_of_the_rules() {
+    let mut cluster = cluster(FOOD_DELIVERY);
+    let red = cluster
+        .releases
+        .iter_mut()
+        .find(|r| r.metadata.name.as_deref() == Some("red"))
+        .unwrap();
+    red.spec.hash_by = Some("x-user-id".into());
+    red.spec.rollout =
+        Some(serde_json::from_value(json!({"steps": [10, 100], "interval": "1m"})).unwrap());
+    let translation = translate(&cluster, "version").unwrap();
+    let release = translation
+        .config
+        .releases
+        .iter()
+        .find(|r| r.name == "food/red")
+        .unwrap();
+    assert_eq!(release.rollout.as_ref().unwrap().steps, [10.0, 100.0]);
+    assert_eq!(verdict(&translation, "food/red").state, State::Accepted);
+
+    // Promoted: the Service names red's version primary, and the status says so.
+    let begun = crate::rollout::begin(
+        release,
+        release.rollout.as_ref().unwrap(),
+        jiff::Timestamp::UNIX_EPOCH,
+    );
+    cluster.rollouts.insert("food/red".into(), begun.promoted());
+    let restaurant = cluster
+        .services
+        .iter_mut()
+        .find(|s| s.metadata.name.as_deref() == Some("restaurant"))
+        .unwrap();
+    restaurant
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(PRIMARY_ANNOTATION.into(), "v2-red".into());
+    let translation = translate(&cluster, "version").unwrap();
+    assert!(
+        !translation
+            .config
+            .releases
+            .iter()
+            .any(|r| r.name == "food/red")
+    );
+    let promoted = verdict(&translation, "food/red");
+    assert_eq!(
+        (promoted.state, promoted.reason.as_str()),
+        (State::Accepted, "Promoted")
+    );
+    assert_eq!(
+        route(&snapshot(&translation), "restaurant.food", &[]),
+        (None, "v2-red".to_string())
+    );
+    // A status about another rollout (another fingerprint) promotes nothing: red is in again,
+    // and claims a primary.
+    cluster.rollouts.get_mut("food/red").unwrap().fingerprint = "other".into();
+    let translation = translate(&cluster, "version").unwrap();
+    assert_eq!(verdict(&translation, "food/red").state, State::Invalid);
+}
