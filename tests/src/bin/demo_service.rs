@@ -39,7 +39,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "x-device,x-region,x-user-id,x-steer-release,baggage,x-demo-fail"
+        default_value = "x-device,x-region,x-user-id,x-steer-release,baggage"
     )]
     forward: Vec<String>,
 }
@@ -156,14 +156,6 @@ async fn handle(
                 });
             }
         }
-    }
-    // `x-demo-fail: service/version` makes that version answer 500 (a failing canary).
-    let failing = format!("{}/{}", args.service, args.version);
-    if req.headers().get_all("x-demo-fail").iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|v| v.trim() == failing))
-    }) {
-        status = StatusCode::INTERNAL_SERVER_ERROR;
     }
     let body = Full::new(Bytes::from(
         serde_json::to_vec(&hop).expect("hop serialises"),

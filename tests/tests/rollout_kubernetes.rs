@@ -1,0 +1,473 @@
+//! Progressive rollouts on Kubernetes, end to end: `steer run --kubernetes` on a test bed routes
+//! at the step each CanaryRelease's status holds; the status writer analyses every step over a
+//! real Prometheus (Debian's, scraping the agent every second) and writes the next one; a new
+//! writer continues from the stored step; a failing canary rolls back and resumes on its
+//! annotation; a release that succeeds is promoted by switching its Service's primary version.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use steer::{
+    config::Config,
+    kubernetes::{self, KubernetesOptions, prometheus::Prometheus},
+    metrics::Metrics,
+    rollout::driver::Rollouts,
+};
+use steer_tests::{
+    Node, Process,
+    apiserver::{ApiServer, objects_from_config},
+    http,
+    scenario::{ADMIN_PORT, Cluster, Scenario},
+};
+
+/// Debian's package (`cargo xtask setup` installs it).
+const PROMETHEUS: &str = "/usr/bin/prometheus";
+const CHAIN: &[(&str, &[&str])] = &[("order", &["restaurant"])];
+const RELEASE: &str = "kitchen";
+
+/// Order calls restaurant; the release `kitchen` rolls restaurant v2 out to Android users.
+fn fixture(steps: &str) -> String {
+    format!(
+        r#"
+services:
+  - name: order
+    addresses: ["10.96.0.10:80"]
+    versions:
+      - {{ name: v1, primary: true, endpoints: ["10.244.1.10:8080"] }}
+  - name: restaurant
+    addresses: ["10.96.0.20:80"]
+    versions:
+      - {{ name: v1, primary: true, endpoints: ["10.244.1.20:8080"] }}
+      - {{ name: v2, endpoints: ["10.244.1.21:8080"] }}
+releases:
+  - name: {RELEASE}
+    priority: 1
+    match: [{{ header: x-device, exact: android }}]
+    hashBy: x-user-id
+    targets: {{ restaurant: v2 }}
+    rollout:
+      steps: {steps}
+      interval: 3s
+      analysis: {{ minRequests: 10, maxErrorRate: 5% }}
+      onSuccess: promote
+"#
+    )
+}
+
+/// A Prometheus of its own: a temporary configuration and storage, a free loopback port,
+/// scraping `target` every second. Killed (by its pid) and removed on drop.
+struct PrometheusServer {
+    process: Option<Process>,
+    url: String,
+    dir: PathBuf,
+}
+
+impl PrometheusServer {
+    fn start(target: SocketAddr) -> PrometheusServer {
+        assert!(
+            Path::new(PROMETHEUS).exists(),
+            "{PROMETHEUS} is missing: `cargo xtask setup` installs Debian's prometheus"
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("steer-prometheus-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+                 scrape_configs:\n  - job_name: steer\n    \
+                 static_configs: [{{targets: [\"{target}\"]}}]\n"
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let mut command = Command::new(PROMETHEUS);
+        command
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(log);
+        let server = PrometheusServer {
+            process: Some(Process::start_on_host(&mut command, None).unwrap()),
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+        };
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_for("Prometheus to be ready", Duration::from_secs(20), || {
+            http::get(address, "/-/ready", &[])
+                .ok()
+                .filter(|r| r.status == 200)
+        });
+        server
+    }
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Android users (a thousand of them) asking for order, one request every few milliseconds,
+/// until dropped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(scenario: &Scenario, extra: Option<(&'static str, &'static str)>) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (gateway, host) = (scenario.gateway, scenario.mesh_name("order"));
+        let running = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut user = 0u32;
+            while !running.load(Ordering::Relaxed) {
+                user = (user + 1) % 1000;
+                let user_id = format!("user-{user}");
+                let mut headers = vec![
+                    ("host", host.as_str()),
+                    ("x-device", "android"),
+                    ("x-user-id", user_id.as_str()),
+                ];
+                headers.extend(extra);
+                let _ = http::get(gateway, "/", &headers);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Traffic {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(found) = probe() {
+            return found;
+        }
+        assert!(started.elapsed() < limit, "waited {limit:?} for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn deploy(steps: &str, prometheus: &PrometheusServer, node: Node) -> Scenario {
+    let path = std::env::temp_dir().join(format!("steer-rollout-{}.yaml", node.name));
+    std::fs::write(&path, fixture(steps)).unwrap();
+    let args = vec!["--prometheus-url".to_string(), prometheus.url.clone()];
+    let scenario = Scenario::deploy_kubernetes_with(&path, CHAIN, node, args).unwrap();
+    let _ = std::fs::remove_file(&path);
+    scenario
+}
+
+fn server(scenario: &Scenario) -> Arc<ApiServer> {
+    scenario.kubernetes.as_ref().unwrap().server.clone()
+}
+
+/// The release's CanaryRelease as the API server holds it.
+fn release(server: &ApiServer) -> Value {
+    server
+        .object("CanaryRelease", Cluster::NAMESPACE, RELEASE)
+        .unwrap()
+}
+
+fn rollout(server: &ApiServer) -> Value {
+    release(server)["status"]["rollout"].clone()
+}
+
+/// The release's percent in the configuration the agent has in force; `None` when the rules
+/// leave it out.
+fn percent_in_force(scenario: &Scenario) -> Option<f64> {
+    let config: Value =
+        serde_json::from_str(&http::get(scenario.admin, "/config", &[]).unwrap().body).unwrap();
+    let name = format!("{}/{RELEASE}", Cluster::NAMESPACE);
+    let release = config["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == name)?
+        .clone();
+    release["percent"].as_f64()
+}
+
+/// Every rollout status written, as (phase, step), in order, repeats folded.
+fn written_steps(server: &ApiServer) -> Vec<(String, u64)> {
+    let mut steps: Vec<(String, u64)> = server
+        .patches()
+        .into_iter()
+        .filter_map(|(_, status)| {
+            let rollout = status.get("rollout")?;
+            Some((rollout["phase"].as_str()?.to_string(), rollout["step"].as_u64()?))
+        })
+        .collect();
+    steps.dedup();
+    steps
+}
+
+/// An agent of another node, run in this process until dropped.
+struct OtherAgent {
+    _runtime: tokio::runtime::Runtime,
+    _drain: steer::drain::DrainTrigger,
+}
+
+/// Another agent (`node-2`), in this process, wins the status writer's Lease from the bed's
+/// agent, which goes on routing as a follower.
+fn take_over(server: &Arc<ApiServer>, prometheus: &PrometheusServer) -> OtherAgent {
+    {
+        let mut state = server.state.lock().unwrap();
+        state.resource_version += 1;
+        let version = state.resource_version.to_string();
+        let lease = state.lease.as_mut().expect("the bed's agent holds the lease");
+        lease["spec"]["holderIdentity"] = json!("node-2");
+        lease["spec"]["renewTime"] = json!(jiff::Timestamp::now().to_string());
+        lease["metadata"]["resourceVersion"] = json!(version);
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (trigger, drain) = steer::drain::channel();
+    let options = KubernetesOptions {
+        version_label: "version".into(),
+        identity: "node-2".into(),
+        lease_namespace: "steer-system".into(),
+        cgroup_root: None,
+        prometheus: Some(Prometheus::new(&prometheus.url).unwrap()),
+    };
+    runtime.spawn(kubernetes::run(
+        server.client(),
+        options,
+        Box::new(|_| Ok(())),
+        Box::new(|_| {}),
+        Arc::new(Rollouts::load(None)),
+        Arc::new(Metrics::default()),
+        drain,
+    ));
+    OtherAgent {
+        _runtime: runtime,
+        _drain: trigger,
+    }
+}
+
+#[test]
+fn a_rollout_walks_its_steps_across_a_leader_change_and_is_promoted() {
+    let node = Node::new().unwrap();
+    let prometheus = PrometheusServer::start(SocketAddr::from((node.address, ADMIN_PORT)));
+    let scenario = deploy("[20, 50, 100]", &prometheus, node);
+    let server = server(&scenario);
+    let traffic = Traffic::start(&scenario, None);
+
+    // The first step, then the second: the agent routes at the step the status holds.
+    wait_for("the first step in force", Duration::from_secs(10), || {
+        (percent_in_force(&scenario) == Some(20.0)).then_some(())
+    });
+    wait_for("the second step", Duration::from_secs(30), || {
+        (rollout(&server)["step"] == 1).then_some(())
+    });
+    let second = rollout(&server);
+    assert_eq!(second["percent"], 50.0, "{second}");
+    assert_eq!(second["lastAnalysis"]["outcome"], "Passed", "{second}");
+    assert!(
+        second["lastAnalysis"]["requests"].as_u64().unwrap() >= 10,
+        "{second}"
+    );
+    wait_for("the second step in force", Duration::from_secs(5), || {
+        (percent_in_force(&scenario) == Some(50.0)).then_some(())
+    });
+
+    // Another agent takes the lease: it continues from the stored step, never from the first.
+    let written_before = server.patches().len();
+    let _node_2 = take_over(&server, &prometheus);
+    let promoted = wait_for("the promotion", Duration::from_secs(45), || {
+        let rollout = rollout(&server);
+        (rollout["phase"] == "Promoted").then_some(rollout)
+    });
+    let after: Vec<u64> = server.patches()[written_before..]
+        .iter()
+        .filter_map(|(_, status)| status.get("rollout")?["step"].as_u64())
+        .collect();
+    assert!(
+        !after.is_empty() && after.iter().all(|step| *step >= 1),
+        "after the leader change: {after:?}"
+    );
+    let lease = server.state.lock().unwrap().lease.clone().unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "node-2", "{lease}");
+    let written = written_steps(&server);
+    let progressing: Vec<u64> = written
+        .iter()
+        .filter(|(phase, _)| phase == "Progressing")
+        .map(|(_, step)| *step)
+        .collect();
+    assert_eq!(progressing, [0, 1, 2], "{written:?}");
+    assert_eq!(
+        written[written.len() - 2..],
+        [("Succeeded".to_string(), 2), ("Promoted".to_string(), 2)],
+        "{written:?}"
+    );
+    assert_eq!(promoted["percent"], 0.0, "{promoted}");
+
+    // Promotion switched the Service's primary version; the release takes no traffic of its
+    // own, and everyone gets v2.
+    let service = server
+        .object("Service", Cluster::NAMESPACE, "restaurant")
+        .unwrap();
+    assert_eq!(
+        service["metadata"]["annotations"]["steer.dev/primary-version"],
+        "v2"
+    );
+    drop(traffic);
+    wait_for("v2 to be everyone's", Duration::from_secs(10), || {
+        let hop = scenario.request("order", &[]).ok()?;
+        (hop.path() == "order/v1 -> restaurant/v2").then_some(())
+    });
+    assert_eq!(percent_in_force(&scenario), None);
+    let android = scenario
+        .request("order", &[("x-device", "android"), ("x-user-id", "u1")])
+        .unwrap();
+    assert_eq!(android.path(), "order/v1 -> restaurant/v2");
+    assert_eq!(android.release, None);
+    let verdict = wait_for("the Promoted verdict", Duration::from_secs(10), || {
+        let status = release(&server)["status"].clone();
+        (status["conditions"][0]["reason"] == "Promoted").then_some(status)
+    });
+    assert_eq!(verdict["state"], "Accepted", "{verdict}");
+}
+
+#[test]
+fn a_failing_canary_rolls_back_and_resumes_on_its_annotation() {
+    let node = Node::new().unwrap();
+    let prometheus = PrometheusServer::start(SocketAddr::from((node.address, ADMIN_PORT)));
+    let scenario = deploy("[50, 100]", &prometheus, node);
+    let server = server(&scenario);
+    // Restaurant v2 answers 500.
+    let traffic = Traffic::start(&scenario, Some(("x-demo-fail", "restaurant/v2")));
+    let rolled_back = wait_for("the rollback", Duration::from_secs(30), || {
+        let rollout = rollout(&server);
+        (rollout["phase"] == "RolledBack").then_some(rollout)
+    });
+    drop(traffic);
+    assert_eq!(rolled_back["percent"], 0.0, "{rolled_back}");
+    assert_eq!(rolled_back["step"], 0, "{rolled_back}");
+    assert!(rolled_back.get("nextAnalysisAt").is_none(), "{rolled_back}");
+    let analysis = &rolled_back["lastAnalysis"];
+    assert_eq!(analysis["outcome"], "Failed", "{rolled_back}");
+    assert!(
+        analysis["errors"].as_u64().unwrap() > 0
+            && analysis["message"]
+                .as_str()
+                .unwrap()
+                .contains("above maxErrorRate 5.00%"),
+        "{rolled_back}"
+    );
+    // Out of the rules: Android users are back on v1.
+    wait_for("the release out of the rules", Duration::from_secs(5), || {
+        percent_in_force(&scenario).is_none().then_some(())
+    });
+    let hop = scenario
+        .request("order", &[("x-device", "android"), ("x-user-id", "u1")])
+        .unwrap();
+    assert_eq!(
+        (hop.path().as_str(), hop.release),
+        ("order/v1 -> restaurant/v1", None)
+    );
+
+    // A person resumes it: the first step again, and the value is noted.
+    let mut object = release(&server);
+    object["metadata"]["annotations"] = json!({"steer.dev/rollout-resume": "fixed-500s"});
+    server.put(object);
+    let resumed = wait_for("the resume", Duration::from_secs(10), || {
+        let status = release(&server)["status"].clone();
+        (status["rolloutResume"] == "fixed-500s").then_some(status)
+    });
+    let rollout = &resumed["rollout"];
+    assert_eq!(
+        (&rollout["phase"], &rollout["step"], &rollout["percent"]),
+        (&json!("Progressing"), &json!(0), &json!(50.0)),
+        "{resumed}"
+    );
+    wait_for("the first step in force again", Duration::from_secs(5), || {
+        (percent_in_force(&scenario) == Some(50.0)).then_some(())
+    });
+}
+
+/// Without Prometheus, or with one that does not answer, a rollout holds its step and its
+/// status says why (the source alone, against the API server: no traffic needed).
+#[tokio::test]
+async fn without_figures_a_rollout_holds_its_step_and_says_why() {
+    for (prometheus, reason) in [
+        (None, "no Prometheus to analyse with"),
+        (
+            // A port nothing listens on.
+            Some(Prometheus::new("http://127.0.0.1:9").unwrap()),
+            "cannot connect to Prometheus at 127.0.0.1:9",
+        ),
+    ] {
+        let text = fixture("[50, 100]").replace("interval: 3s", "interval: 1s");
+        let config = Config::from_yaml(&text, "fixture").unwrap();
+        let server = ApiServer::start(objects_from_config(&config, "demo")).await;
+        let (_trigger, drain) = steer::drain::channel();
+        let options = KubernetesOptions {
+            version_label: "version".into(),
+            identity: "node-1".into(),
+            lease_namespace: "steer-system".into(),
+            cgroup_root: None,
+            prometheus,
+        };
+        let task = tokio::spawn(kubernetes::run(
+            server.client(),
+            options,
+            Box::new(|_| Ok(())),
+            Box::new(|_| {}),
+            Arc::new(Rollouts::load(None)),
+            Arc::new(Metrics::default()),
+            drain,
+        ));
+        let started = Instant::now();
+        let held = loop {
+            let rollout = rollout(&server);
+            if rollout["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(reason))
+            {
+                break rollout;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "no `{reason}`: {rollout}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(
+            (&held["phase"], &held["step"], &held["percent"]),
+            (&json!("Progressing"), &json!(0), &json!(50.0)),
+            "{held}"
+        );
+        assert!(held["message"].as_str().unwrap().contains("blocked"), "{held}");
+        task.abort();
+    }
+}
