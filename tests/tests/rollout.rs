@@ -169,6 +169,11 @@ fn a_healthy_canary_walks_every_step_with_growing_sticky_shares_and_is_promoted(
     let started = Instant::now();
     loop {
         let now = status(&scenario, "android");
+        if now["step"] == 1 {
+            // The page shows where the rollout stands.
+            let page = http::get(scenario.admin, "/ui/state", &[]).unwrap().body;
+            assert!(page.contains("step 2 of 6: 5%"), "{page}");
+        }
         match now["phase"].as_str().unwrap() {
             "Succeeded" => break,
             "Progressing" => {}
@@ -270,6 +275,21 @@ fn a_canary_answering_500_to_5_percent_is_rolled_back_at_the_first_analysis_and_
     assert!(
         rolled["message"].as_str().unwrap().contains("error rate"),
         "{rolled:#}"
+    );
+
+    // The live page lists it as rolled back, with why.
+    let page: Value =
+        serde_json::from_str(&http::get(scenario.admin, "/ui/state", &[]).unwrap().body).unwrap();
+    let row = page["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "android")
+        .unwrap();
+    assert_eq!(row["verdict"], "rolled-back", "{row:#}");
+    assert!(
+        row["rollout"].as_str().unwrap().contains("error rate"),
+        "{row:#}"
     );
 
     // No request of the release reaches the canary version any more, and a restarted agent

@@ -192,7 +192,9 @@ fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Ful
         "/ui/state" => {
             let rejected = admin.rejected.lock().unwrap_or_else(|e| e.into_inner());
             let left_out = admin.left_out.lock().unwrap_or_else(|e| e.into_inner());
-            let state = live.state(&admin.state.load_full(), rejected.as_ref(), &left_out);
+            let rollouts = admin.rollouts.views();
+            let snapshot = admin.state.load_full();
+            let state = live.state(&snapshot, rejected.as_ref(), &left_out, &rollouts);
             let body = serde_json::to_string(&state).expect("state serialises");
             reply(StatusCode::OK, JSON, body)
         }
