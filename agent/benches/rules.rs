@@ -59,6 +59,7 @@ fn releases(n: usize) -> Config {
                 percent: None,
                 hash_by: None,
                 targets: [("svc".to_string(), format!("c{i}"))].into(),
+                rollout: None,
             })
             .collect(),
         ..Config::default()

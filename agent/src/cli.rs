@@ -9,6 +9,7 @@ use crate::{
     check::{self, Report, render_example},
     config::Config,
     kubernetes::KubernetesOptions,
+    rollout::driver::RolloutView,
     rules::HeaderPairs,
     run::Source,
     state::Snapshot,
@@ -129,6 +130,11 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Progressive rollouts: where they stand, resume a rolled-back one, promote a finished one.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// Print a large mixed configuration (the benchmarks' checker workload) as YAML.
     #[command(hide = true)]
     SampleConfig {
@@ -136,6 +142,33 @@ enum Command {
         releases: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Where each rollout of the running agent stands (its admin API).
+    Status {
+        #[arg(long, default_value_t = crate::admin::default_address())]
+        admin: std::net::SocketAddr,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Start a rolled-back release over from its first step (file mode; on Kubernetes,
+    /// resume on the CanaryRelease).
+    Resume {
+        release: String,
+        #[arg(long, default_value_t = crate::admin::default_address())]
+        admin: std::net::SocketAddr,
+    },
+    /// The configuration with RELEASE promoted: its versions primary, the release gone.
+    /// Printed; written to --config with --write (the agent never rewrites it by itself).
+    Promote {
+        release: String,
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        write: bool,
     },
 }
 
@@ -213,6 +246,7 @@ impl Cli {
                 headers,
                 format,
             } => run_explain(&config, &service, headers, format),
+            Command::Rollout { command } => run_rollout(command),
             Command::SampleConfig { releases, seed } => {
                 let config = check::sample::mixed(releases, seed);
                 print!(
@@ -377,6 +411,179 @@ fn run_explain(
         }
     }
     ExitCode::SUCCESS
+}
+
+fn run_rollout(command: RolloutCommand) -> ExitCode {
+    let outcome = match command {
+        RolloutCommand::Status { admin, format } => {
+            admin_call(admin, http::Method::GET, "/rollouts").and_then(|body| {
+                match format {
+                    Format::Json => print!("{body}"),
+                    Format::Text => {
+                        let views: Vec<RolloutView> = serde_json::from_str(&body)
+                            .map_err(|err| format!("unexpected answer from {admin}: {err}"))?;
+                        print!("{}", render_rollouts(&views, jiff::Timestamp::now()));
+                    }
+                }
+                Ok(())
+            })
+        }
+        RolloutCommand::Resume { release, admin } => {
+            let path = format!("/rollouts/{}/resume", percent_encode(&release));
+            admin_call(admin, http::Method::POST, &path).map(|_| {
+                println!("resumed `{release}`: its first step is in force");
+            })
+        }
+        RolloutCommand::Promote {
+            release,
+            config,
+            write,
+        } => {
+            let source = match load(&config) {
+                Ok(source) => source,
+                Err(code) => return code,
+            };
+            promote_file(&source, &release, &config, write)
+        }
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(reason) => {
+            eprintln!("error: {reason}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints, or writes in place (whole, then renamed: the agent never reads half a file), the
+/// configuration with `release` promoted.
+fn promote_file(
+    source: &Config,
+    release: &str,
+    path: &std::path::Path,
+    write: bool,
+) -> Result<(), String> {
+    let promoted = crate::rollout::promote(source, release)?;
+    let report = check::check(&promoted);
+    if !report.valid {
+        return Err(render_report("the promoted configuration", &report));
+    }
+    let text = serde_yaml_ng::to_string(&promoted).expect("configuration serialises");
+    if !write {
+        print!("{text}");
+        return Ok(());
+    }
+    let partial = path.with_extension("promoted.partial");
+    std::fs::write(&partial, &text)
+        .and_then(|()| std::fs::rename(&partial, path))
+        .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+    eprintln!(
+        "promoted `{release}` in {} (comments and layout are not kept); a running agent applies it",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Characters a release name may hold that a path segment may not.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// One request to the agent's admin server; the body of a 2xx answer, else why not.
+fn admin_call(
+    admin: std::net::SocketAddr,
+    method: http::Method,
+    path: &str,
+) -> Result<String, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| format!("cannot start a runtime: {err}"))?;
+    runtime.block_on(async {
+        use http_body_util::BodyExt;
+        let stream = tokio::net::TcpStream::connect(admin)
+            .await
+            .map_err(|err| format!("cannot reach the agent's admin server at {admin}: {err}"))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|err| format!("{admin}: {err}"))?;
+        tokio::spawn(connection);
+        let request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, admin.to_string())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("valid request");
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|err| format!("{admin}: {err}"))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|err| format!("{admin}: {err}"))?
+            .to_bytes();
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(body.trim_end().to_string())
+        }
+    })
+}
+
+/// One line per rollout, then what it last concluded.
+fn render_rollouts(views: &[RolloutView], now: jiff::Timestamp) -> String {
+    if views.is_empty() {
+        return "no release has a rollout\n".into();
+    }
+    let mut out = String::new();
+    let width = views
+        .iter()
+        .map(|v| v.release.len())
+        .max()
+        .unwrap_or(0)
+        .max(7);
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:<11}  {:>5}  {:>7}  NEXT ANALYSIS",
+        "RELEASE", "PHASE", "STEP", "PERCENT"
+    );
+    for view in views {
+        let status = &view.status;
+        let next = match status.next_analysis_at {
+            Some(at) => {
+                let left = at.duration_since(now).max(jiff::SignedDuration::ZERO);
+                format!("in {:#}", jiff::SignedDuration::from_secs(left.as_secs()))
+            }
+            None => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<11}  {:>5}  {:>6}%  {next}",
+            view.release,
+            format!("{:?}", status.phase),
+            format!("{}/{}", status.step + 1, view.steps.len()),
+            status.percent,
+        );
+        let _ = writeln!(out, "{:<width$}  {}", "", status.message);
+        if let Some(last) = &status.last_analysis {
+            let _ = writeln!(
+                out,
+                "{:<width$}  last analysis {:?} at {}: {}",
+                "", last.outcome, last.at, last.message
+            );
+        }
+    }
+    out
 }
 
 /// Overlap summaries shown in the text report; `--format json` has them all.

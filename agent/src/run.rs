@@ -29,6 +29,7 @@ use crate::{
         Limits, OriginalDestination, Shared, WorkerListeners, Workers, bind_listener,
         stamp::StampKeys,
     },
+    rollout::driver::{Applies, Rollouts},
     state::Snapshot,
 };
 
@@ -168,6 +169,22 @@ struct Applier {
     metrics: Arc<Metrics>,
     admin: Arc<Admin>,
     retired: Arc<Retired<Snapshot>>,
+    rollouts: Arc<Rollouts>,
+}
+
+/// The rollout driver puts each step in force through the same path as a file's edit.
+impl Applies for Applier {
+    fn apply_effective(&self, config: Config, report: check::Report) -> Result<()> {
+        self.apply_checked(Ok((config, Some(report))), "rollout")
+    }
+
+    fn report_in_force(&self) -> Arc<check::Report> {
+        self.state.load().report.clone()
+    }
+
+    fn metrics_text(&self) -> String {
+        self.metrics.encode()
+    }
 }
 
 /// Snapshots replaced while a proxy worker may still hold them. A worker keeps the snapshot it
@@ -218,19 +235,30 @@ impl<T> Retired<T> {
 const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 
 impl Applier {
-    /// Applies a configuration the source could build, or records one it could not; either
-    /// way a rejection is logged and counted, and the previous configuration keeps serving.
-    fn apply(&self, config: Result<Config>, origin: &str) -> Result<()> {
-        self.apply_checked(config.map(|config| (config, None)), origin)
-    }
-
-    /// `apply`, with the checker's report when the source has one for this configuration.
+    /// Applies a configuration the source could build (with the checker's report when the
+    /// source has one), or records one it could not; either way a rejection is logged and
+    /// counted, and the previous configuration keeps serving.
     fn apply_checked(
         &self,
         config: Result<(Config, Option<check::Report>)>,
         origin: &str,
     ) -> Result<()> {
         let result = config.and_then(|(config, report)| self.try_apply(config, report, origin));
+        self.record(result, origin)
+    }
+
+    /// Applies a configuration file's text: its rollouts keep their places (or begin) and the
+    /// rules see each at its step.
+    fn apply_source(&self, config: Result<Config>, origin: &str) -> Result<()> {
+        let result = config.and_then(|config| {
+            (self.rollouts)
+                .apply_source(config, |effective| self.try_apply(effective, None, origin))
+        });
+        self.record(result, origin)
+    }
+
+    /// Logs and counts the outcome of an apply.
+    fn record(&self, result: Result<()>, origin: &str) -> Result<()> {
         self.metrics.reload(result.is_ok());
         self.admin.applied(origin, &result);
         match &result {
@@ -367,6 +395,14 @@ fn default_max_connections(file_limit: u64) -> usize {
         .max(16)
 }
 
+/// Where a configuration file's rollouts are kept: next to it, so a restarted agent continues
+/// each rollout where it stood (and a rolled-back release stays rolled back).
+pub fn rollout_state_file(config: &Path) -> PathBuf {
+    let mut name = config.file_name().unwrap_or_default().to_os_string();
+    name.push(".rollouts.json");
+    config.with_file_name(name)
+}
+
 /// The file's identity for change detection: modification time and length.
 fn stamp_of(path: &Path) -> Option<(SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
@@ -381,23 +417,29 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .chain([options.admin])
         .collect();
     // The file must be valid to start; the cluster's objects arrive once the agent runs.
-    let (snapshot, kubernetes) = match &options.source {
+    let (snapshot, kubernetes, rollouts) = match &options.source {
         Source::File(path) => {
             let config = Config::load(path)?;
-            refuse_own_addresses(&config, &own_addresses)
+            let rollouts = Rollouts::load(Some(rollout_state_file(path)));
+            let mut built = None;
+            rollouts
+                .apply_source(config, |effective| {
+                    refuse_own_addresses(&effective, &own_addresses)?;
+                    built = Some(Snapshot::build(effective)?.0);
+                    Ok(())
+                })
                 .with_context(|| path.display().to_string())?;
-            let (snapshot, _) =
-                Snapshot::build(config).with_context(|| path.display().to_string())?;
-            (snapshot, None)
+            (built.expect("applied"), None, rollouts)
         }
         Source::Kubernetes(_) => {
             let client = kube::Client::try_default()
                 .await
                 .context("cannot reach the Kubernetes API (no in-cluster config, no kubeconfig)")?;
             let (snapshot, _) = Snapshot::build(Config::default()).expect("empty is valid");
-            (snapshot, Some(client))
+            (snapshot, Some(client), Rollouts::kept_in_cluster())
         }
     };
+    let rollouts = Arc::new(rollouts);
     let file_limit = raise_file_limit();
     let workers = options
         .workers
@@ -455,6 +497,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         synced: kubernetes.is_none().into(),
         rejected: Mutex::default(),
         left_out: Mutex::default(),
+        rollouts: rollouts.clone(),
     });
     let retired = Arc::new(Retired::default());
     let applier = Applier {
@@ -464,6 +507,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         metrics: metrics.clone(),
         admin: admin.clone(),
         retired: retired.clone(),
+        rollouts: rollouts.clone(),
     };
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
@@ -495,7 +539,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
     Workers::start(shared, listeners, drain.clone())?;
 
     let source = match (&options.source, kubernetes) {
-        (Source::File(path), _) => tokio::spawn(watch_file(path.clone(), applier)),
+        (Source::File(path), _) => {
+            tokio::spawn(crate::rollout::driver::drive(
+                rollouts.clone(),
+                Arc::new(applier.clone()),
+            ));
+            tokio::spawn(watch_file(path.clone(), applier))
+        }
         (Source::Kubernetes(kube_options), Some(client)) => {
             let kube_options = KubernetesOptions {
                 cgroup_root: datapath
@@ -516,14 +566,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
             let on_verdicts: kubernetes::OnVerdicts = Box::new(move |verdicts| {
                 *page.left_out.lock().unwrap_or_else(|e| e.into_inner()) = left_out(verdicts);
             });
-            // The CanaryReleases' statuses keep the rollouts; this only shows them.
-            let rollouts = Arc::new(crate::rollout::driver::Rollouts::load(None));
             tokio::spawn(kubernetes::run(
                 client,
                 kube_options,
                 apply,
                 on_verdicts,
-                rollouts,
+                rollouts.clone(),
                 metrics.clone(),
                 drain.clone(),
             ))
@@ -578,7 +626,7 @@ async fn watch_file(path: PathBuf, applier: Applier) {
             let config = Config::from_yaml(&text, &origin)
                 .map_err(anyhow::Error::from)
                 .and_then(|config| refuse_accidental_emptying(config, &text, running_services));
-            applier.apply(config, &origin)
+            applier.apply_source(config, &origin)
         })
         .await;
     }

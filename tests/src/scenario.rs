@@ -121,7 +121,18 @@ impl Scenario {
     pub fn deploy(fixture: &Path, calls: &[(&str, &[&str])], node: Node) -> Result<Scenario> {
         let text = std::fs::read_to_string(fixture)
             .with_context(|| format!("read {}", fixture.display()))?;
-        let text = remap(&text, &node);
+        Scenario::deploy_text(&text, calls, &[], node)
+    }
+
+    /// Like `deploy`, from the fixture's text, with more arguments for some versions' demo
+    /// services: (service, version, arguments), e.g. a faulty one (`--fail-every 20`).
+    pub fn deploy_text(
+        text: &str,
+        calls: &[(&str, &[&str])],
+        version_args: &[(&str, &str, &[&str])],
+        node: Node,
+    ) -> Result<Scenario> {
+        let text = remap(text, &node);
         let dir = std::env::temp_dir().join(format!("steer-{}", node.name));
         std::fs::create_dir_all(&dir)?;
         let dir = TempDir(dir);
@@ -140,7 +151,7 @@ impl Scenario {
             agent_args: Vec::new(),
             _dir: dir,
         };
-        scenario.start_workload(calls)?;
+        scenario.start_workload(calls, version_args)?;
         scenario.start_agent()?;
         scenario.wait_for_workload(calls)?;
         Ok(scenario)
@@ -153,18 +164,22 @@ impl Scenario {
         calls: &[(&str, &[&str])],
         node: Node,
     ) -> Result<Scenario> {
-        Self::deploy_kubernetes_with(fixture, calls, node, Vec::new())
+        let text = std::fs::read_to_string(fixture)
+            .with_context(|| format!("read {}", fixture.display()))?;
+        Scenario::deploy_kubernetes_text(&text, calls, &[], Vec::new(), node)
     }
 
-    /// `deploy_kubernetes` with more arguments of `steer run` (`agent_args`) from the start.
-    pub fn deploy_kubernetes_with(
-        fixture: &Path,
+    /// Like `deploy_kubernetes`, from the fixture's text, with more arguments for some
+    /// versions' demo services (as `deploy_text`) and for `steer run` (`agent_args`).
+    pub fn deploy_kubernetes_text(
+        text: &str,
         calls: &[(&str, &[&str])],
-        node: Node,
+        version_args: &[(&str, &str, &[&str])],
         agent_args: Vec<String>,
+        node: Node,
     ) -> Result<Scenario> {
-        let text = remap(&std::fs::read_to_string(fixture)?, &node);
-        let config = Config::from_yaml(&text, &fixture.display().to_string())?;
+        let text = remap(text, &node);
+        let config = Config::from_yaml(&text, "fixture")?;
         let runtime = tokio::runtime::Runtime::new()?;
         let server = runtime.block_on(ApiServer::start(objects_from_config(
             &config,
@@ -193,7 +208,7 @@ impl Scenario {
             agent_args,
             _dir: TempDir(dir),
         };
-        scenario.start_workload(calls)?;
+        scenario.start_workload(calls, version_args)?;
         scenario.start_agent()?;
         scenario.wait_for_workload(calls)?;
         Ok(scenario)
@@ -214,7 +229,11 @@ impl Scenario {
             .with_context(|| format!("service {name} has no address"))
     }
 
-    fn start_workload(&mut self, calls: &[(&str, &[&str])]) -> Result<()> {
+    fn start_workload(
+        &mut self,
+        calls: &[(&str, &[&str])],
+        version_args: &[(&str, &str, &[&str])],
+    ) -> Result<()> {
         let demo = binary("demo-service")?;
         for service in self.config.services.clone() {
             let downstream: Vec<String> = calls
@@ -238,6 +257,12 @@ impl Scenario {
                         .args(["--listen", &format!("0.0.0.0:{}", endpoint.port())]);
                     for call in &downstream {
                         command.args(["--call", call]);
+                    }
+                    for (_, _, args) in version_args
+                        .iter()
+                        .filter(|(s, v, _)| *s == service.name && *v == version.name)
+                    {
+                        command.args(*args);
                     }
                     let process = pod.spawn(&command)?;
                     self.workload.push(process);

@@ -103,7 +103,7 @@ fn start_source(server: &ApiServer) -> Source {
         options,
         apply,
         Box::new(|_| {}),
-        Arc::new(steer::rollout::driver::Rollouts::load(None)),
+        Arc::new(steer::rollout::driver::Rollouts::kept_in_cluster()),
         metrics.clone(),
         drain,
     ));

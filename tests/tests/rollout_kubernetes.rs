@@ -99,7 +99,10 @@ impl PrometheusServer {
         let mut command = Command::new(PROMETHEUS);
         command
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(Stdio::null())
             .stderr(log);
@@ -133,7 +136,7 @@ struct Traffic {
 }
 
 impl Traffic {
-    fn start(scenario: &Scenario, extra: Option<(&'static str, &'static str)>) -> Traffic {
+    fn start(scenario: &Scenario) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let (gateway, host) = (scenario.gateway, scenario.mesh_name("order"));
         let running = stop.clone();
@@ -142,12 +145,11 @@ impl Traffic {
             while !running.load(Ordering::Relaxed) {
                 user = (user + 1) % 1000;
                 let user_id = format!("user-{user}");
-                let mut headers = vec![
+                let headers = [
                     ("host", host.as_str()),
                     ("x-device", "android"),
                     ("x-user-id", user_id.as_str()),
                 ];
-                headers.extend(extra);
                 let _ = http::get(gateway, "/", &headers);
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -179,13 +181,17 @@ fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>
     }
 }
 
-fn deploy(steps: &str, prometheus: &PrometheusServer, node: Node) -> Scenario {
-    let path = std::env::temp_dir().join(format!("steer-rollout-{}.yaml", node.name));
-    std::fs::write(&path, fixture(steps)).unwrap();
+/// The fixture on a bed whose agent reads Prometheus; `canary_args` for restaurant v2's
+/// demo service (`--fail-every N`).
+fn deploy(
+    steps: &str,
+    canary_args: &[&str],
+    prometheus: &PrometheusServer,
+    node: Node,
+) -> Scenario {
     let args = vec!["--prometheus-url".to_string(), prometheus.url.clone()];
-    let scenario = Scenario::deploy_kubernetes_with(&path, CHAIN, node, args).unwrap();
-    let _ = std::fs::remove_file(&path);
-    scenario
+    let versions: &[(&str, &str, &[&str])] = &[("restaurant", "v2", canary_args)];
+    Scenario::deploy_kubernetes_text(&fixture(steps), CHAIN, versions, args, node).unwrap()
 }
 
 fn server(scenario: &Scenario) -> Arc<ApiServer> {
@@ -225,7 +231,10 @@ fn written_steps(server: &ApiServer) -> Vec<(String, u64)> {
         .into_iter()
         .filter_map(|(_, status)| {
             let rollout = status.get("rollout")?;
-            Some((rollout["phase"].as_str()?.to_string(), rollout["step"].as_u64()?))
+            Some((
+                rollout["phase"].as_str()?.to_string(),
+                rollout["step"].as_u64()?,
+            ))
         })
         .collect();
     steps.dedup();
@@ -245,7 +254,10 @@ fn take_over(server: &Arc<ApiServer>, prometheus: &PrometheusServer) -> OtherAge
         let mut state = server.state.lock().unwrap();
         state.resource_version += 1;
         let version = state.resource_version.to_string();
-        let lease = state.lease.as_mut().expect("the bed's agent holds the lease");
+        let lease = state
+            .lease
+            .as_mut()
+            .expect("the bed's agent holds the lease");
         lease["spec"]["holderIdentity"] = json!("node-2");
         lease["spec"]["renewTime"] = json!(jiff::Timestamp::now().to_string());
         lease["metadata"]["resourceVersion"] = json!(version);
@@ -264,7 +276,7 @@ fn take_over(server: &Arc<ApiServer>, prometheus: &PrometheusServer) -> OtherAge
         options,
         Box::new(|_| Ok(())),
         Box::new(|_| {}),
-        Arc::new(Rollouts::load(None)),
+        Arc::new(Rollouts::kept_in_cluster()),
         Arc::new(Metrics::default()),
         drain,
     ));
@@ -278,9 +290,9 @@ fn take_over(server: &Arc<ApiServer>, prometheus: &PrometheusServer) -> OtherAge
 fn a_rollout_walks_its_steps_across_a_leader_change_and_is_promoted() {
     let node = Node::new().unwrap();
     let prometheus = PrometheusServer::start(SocketAddr::from((node.address, ADMIN_PORT)));
-    let scenario = deploy("[20, 50, 100]", &prometheus, node);
+    let scenario = deploy("[20, 50, 100]", &[], &prometheus, node);
     let server = server(&scenario);
-    let traffic = Traffic::start(&scenario, None);
+    let traffic = Traffic::start(&scenario);
 
     // The first step, then the second: the agent routes at the step the status holds.
     wait_for("the first step in force", Duration::from_secs(10), || {
@@ -362,10 +374,10 @@ fn a_rollout_walks_its_steps_across_a_leader_change_and_is_promoted() {
 fn a_failing_canary_rolls_back_and_resumes_on_its_annotation() {
     let node = Node::new().unwrap();
     let prometheus = PrometheusServer::start(SocketAddr::from((node.address, ADMIN_PORT)));
-    let scenario = deploy("[50, 100]", &prometheus, node);
+    // Restaurant v2 answers every other request with a 500.
+    let scenario = deploy("[50, 100]", &["--fail-every", "2"], &prometheus, node);
     let server = server(&scenario);
-    // Restaurant v2 answers 500.
-    let traffic = Traffic::start(&scenario, Some(("x-demo-fail", "restaurant/v2")));
+    let traffic = Traffic::start(&scenario);
     let rolled_back = wait_for("the rollback", Duration::from_secs(30), || {
         let rollout = rollout(&server);
         (rollout["phase"] == "RolledBack").then_some(rollout)
@@ -385,9 +397,11 @@ fn a_failing_canary_rolls_back_and_resumes_on_its_annotation() {
         "{rolled_back}"
     );
     // Out of the rules: Android users are back on v1.
-    wait_for("the release out of the rules", Duration::from_secs(5), || {
-        percent_in_force(&scenario).is_none().then_some(())
-    });
+    wait_for(
+        "the release out of the rules",
+        Duration::from_secs(5),
+        || percent_in_force(&scenario).is_none().then_some(()),
+    );
     let hop = scenario
         .request("order", &[("x-device", "android"), ("x-user-id", "u1")])
         .unwrap();
@@ -410,9 +424,11 @@ fn a_failing_canary_rolls_back_and_resumes_on_its_annotation() {
         (&json!("Progressing"), &json!(0), &json!(50.0)),
         "{resumed}"
     );
-    wait_for("the first step in force again", Duration::from_secs(5), || {
-        (percent_in_force(&scenario) == Some(50.0)).then_some(())
-    });
+    wait_for(
+        "the first step in force again",
+        Duration::from_secs(5),
+        || (percent_in_force(&scenario) == Some(50.0)).then_some(()),
+    );
 }
 
 /// Without Prometheus, or with one that does not answer, a rollout holds its step and its
@@ -443,7 +459,7 @@ async fn without_figures_a_rollout_holds_its_step_and_says_why() {
             options,
             Box::new(|_| Ok(())),
             Box::new(|_| {}),
-            Arc::new(Rollouts::load(None)),
+            Arc::new(Rollouts::kept_in_cluster()),
             Arc::new(Metrics::default()),
             drain,
         ));
@@ -467,7 +483,10 @@ async fn without_figures_a_rollout_holds_its_step_and_says_why() {
             (&json!("Progressing"), &json!(0), &json!(50.0)),
             "{held}"
         );
-        assert!(held["message"].as_str().unwrap().contains("blocked"), "{held}");
+        assert!(
+            held["message"].as_str().unwrap().contains("blocked"),
+            "{held}"
+        );
         task.abort();
     }
 }

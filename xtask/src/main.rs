@@ -31,7 +31,7 @@ enum Task {
     Profile,
     /// The seed's case studies, decided and explained (the README's main job).
     Demo {
-        /// Run only this scenario: food-delivery, order-email or abz.
+        /// Run only this scenario: food-delivery, order-email, abz or rollout.
         #[arg(long)]
         scenario: Option<String>,
         /// Afterwards keep a food-delivery node running with traffic, print the address of the

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::{
     check::{Report, render_example},
     metrics::Metrics,
+    rollout::{Phase, driver::RolloutView},
     rules::HeaderPairs,
     state::{Explanation, Snapshot},
 };
@@ -94,7 +95,14 @@ impl Live {
         snapshot: &Arc<Snapshot>,
         rejected: Option<&Rejection>,
         left_out: &[LeftOut],
+        rollouts: &[RolloutView],
     ) -> State {
+        let rollout_of = |release: &str| {
+            rollouts
+                .iter()
+                .find(|r| r.release == release)
+                .map(|r| r.status.message.clone())
+        };
         let report = &snapshot.report;
         let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
         let (first, last) = (samples.front(), samples.back());
@@ -192,6 +200,7 @@ impl Live {
                         .map(render_example),
                     overlaps,
                     rate,
+                    rollout: rollout_of(&release.name),
                 }
             })
             .collect();
@@ -209,7 +218,32 @@ impl Live {
             shadow_example: Some(release.message.clone()),
             overlaps: vec![],
             rate: 0.0,
+            rollout: None,
         }));
+        // Rollouts that take no traffic (rolled back, promoted) are not in the rules.
+        let in_rules = |name: &str| config.releases.iter().any(|r| r.name == name);
+        releases.extend(
+            rollouts
+                .iter()
+                .filter(|r| !in_rules(&r.release))
+                .map(|r| ReleaseView {
+                    name: r.release.clone(),
+                    priority: None,
+                    matchers: vec![],
+                    percent: Some(r.status.percent),
+                    hash_by: None,
+                    targets: BTreeMap::new(),
+                    verdict: match r.status.phase {
+                        Phase::Promoted => "promoted",
+                        _ => "rolled-back",
+                    },
+                    shadowed_by: vec![],
+                    shadow_example: None,
+                    overlaps: vec![],
+                    rate: 0.0,
+                    rollout: Some(r.status.message.clone()),
+                }),
+        );
         let unreleased = {
             let decided =
                 |sample: Option<&Sample>| sample.and_then(|s| s.decisions.get("").copied());
@@ -358,13 +392,16 @@ pub struct ReleaseView {
     pub hash_by: Option<String>,
     pub targets: BTreeMap<String, String>,
     /// `accepted` or `shadowed`; with the Kubernetes source also `conflict` or `invalid` for a
-    /// release left out (`shadowedBy` then names the releases involved, `shadowExample` why).
+    /// release left out (`shadowedBy` then names the releases involved, `shadowExample` why);
+    /// `rolled-back` or `promoted` for a rollout that takes no traffic.
     pub verdict: &'static str,
     pub shadowed_by: Vec<String>,
     pub shadow_example: Option<String>,
     pub overlaps: Vec<OverlapView>,
     /// Requests per second this agent scheduled to the release.
     pub rate: f64,
+    /// Where its progressive rollout stands, in a sentence.
+    pub rollout: Option<String>,
 }
 
 /// A CanaryRelease the Kubernetes source left out of the configuration, and why.
@@ -436,7 +473,7 @@ mod tests {
         metrics.decisions(Some("green")).inc();
         std::thread::sleep(Duration::from_millis(20));
         live.sample(&metrics, &snapshot);
-        let state = live.state(&snapshot, None, &[]);
+        let state = live.state(&snapshot, None, &[], &[]);
         let green = &state.edges[0];
         assert_eq!((green.requests, green.errors), (11, 1));
         assert!(green.rate > 0.0 && green.error_rate > 0.0);
@@ -470,7 +507,7 @@ mod tests {
             origin: "edit".into(),
             report: Snapshot::build(config).unwrap_err().0,
         };
-        let state = Live::default().state(&snapshot, Some(&rejected), &[]);
+        let state = Live::default().state(&snapshot, Some(&rejected), &[], &[]);
         let rejected = state.rejected.unwrap();
         assert_eq!(rejected.shadowed[0].release, "red");
         assert_eq!(rejected.shadowed[0].by, ["blue"]);

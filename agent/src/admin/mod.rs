@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::{metrics::Metrics, rules::HeaderPairs, state::Snapshot};
+use crate::{metrics::Metrics, rollout::driver::Rollouts, rules::HeaderPairs, state::Snapshot};
 use live::Live;
 pub use live::Rejection;
 
@@ -39,6 +39,8 @@ pub struct Admin {
     pub rejected: Mutex<Option<Rejection>>,
     /// The CanaryReleases the Kubernetes source left out, with why (the page lists them).
     pub left_out: Mutex<Vec<live::LeftOut>>,
+    /// The progressive rollouts and where they stand.
+    pub rollouts: Arc<Rollouts>,
 }
 
 impl Admin {
@@ -167,6 +169,22 @@ fn header_pairs(pairs: &[(String, String)]) -> Result<HeaderPairs, String> {
 fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     const JSON: &str = "application/json";
+    let resume = (request.uri().path().strip_prefix("/rollouts/"))
+        .and_then(|rest| rest.strip_suffix("/resume"));
+    if let Some(name) = resume {
+        if request.method() != http::Method::POST {
+            let reason = "POST to resume a rollout\n";
+            return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, reason.into());
+        }
+        return match admin.rollouts.resume(&percent_decode(name)) {
+            Ok(status) => reply(
+                StatusCode::OK,
+                JSON,
+                serde_json::to_string_pretty(&status).expect("status serialises"),
+            ),
+            Err(reason) => reply(StatusCode::CONFLICT, TEXT, reason + "\n"),
+        };
+    }
     match request.uri().path() {
         "/" | "/ui" | "/ui/" => asset("text/html; charset=utf-8", PAGE),
         "/ui/app.js" => asset("text/javascript; charset=utf-8", SCRIPT),
@@ -174,7 +192,9 @@ fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Ful
         "/ui/state" => {
             let rejected = admin.rejected.lock().unwrap_or_else(|e| e.into_inner());
             let left_out = admin.left_out.lock().unwrap_or_else(|e| e.into_inner());
-            let state = live.state(&admin.state.load_full(), rejected.as_ref(), &left_out);
+            let rollouts = admin.rollouts.views();
+            let snapshot = admin.state.load_full();
+            let state = live.state(&snapshot, rejected.as_ref(), &left_out, &rollouts);
             let body = serde_json::to_string(&state).expect("state serialises");
             reply(StatusCode::OK, JSON, body)
         }
@@ -188,6 +208,11 @@ fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Ful
                 }
                 Err(reason) => reply(StatusCode::BAD_REQUEST, TEXT, reason + "\n"),
             }
+        }
+        "/rollouts" => {
+            let body =
+                serde_json::to_string_pretty(&admin.rollouts.views()).expect("rollouts serialise");
+            reply(StatusCode::OK, JSON, body)
         }
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
         "/readyz"
@@ -236,7 +261,8 @@ fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Ful
             StatusCode::NOT_FOUND,
             TEXT,
             "endpoints: / (the live page) /healthz /readyz /metrics /config \
-             /explain?service=..&header=Name:value /ui/state /ui/explain?header=Name:value\n"
+             /explain?service=..&header=Name:value /rollouts (POST /rollouts/NAME/resume) \
+             /ui/state /ui/explain?header=Name:value\n"
                 .into(),
         ),
     }

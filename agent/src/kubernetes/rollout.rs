@@ -432,7 +432,7 @@ mod tests {
         let config = Config::from_yaml(CONFIG, "t.yaml").unwrap();
         let release = &config.releases[0];
         let rollout = release.rollout.as_ref().unwrap();
-        let rollouts = Rollouts::load(None);
+        let rollouts = Rollouts::kept_in_cluster();
         let (source, driven) = watch::channel(None);
         let percent_in_force = |stored: &Book| {
             let report = check::check(&config);

@@ -58,7 +58,20 @@ pub struct Rollouts {
     /// Where the statuses are kept; `None`: in memory (Kubernetes keeps them in the
     /// CanaryReleases' statuses).
     state_file: Option<PathBuf>,
+    /// Whether this agent drives the rollouts (a file) or only shows them (Kubernetes: the
+    /// leader drives, from the cluster's figures).
+    drives: bool,
     resumed: tokio::sync::Notify,
+}
+
+/// The figures the progressing rollouts need.
+struct Sampling {
+    /// (service, version) of their canaries and primaries.
+    versions: HashSet<(String, String)>,
+    /// How long samples are kept: the longest interval and a little.
+    keep: Duration,
+    /// How often to sample and look for due analyses.
+    tick: Duration,
 }
 
 /// How often the figures are sampled and due analyses run: a tenth of the shortest interval,
@@ -87,7 +100,16 @@ impl Rollouts {
                 ..Inner::default()
             }),
             state_file,
+            drives: true,
             resumed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Rollouts kept and driven in the cluster; this agent shows them (`show`).
+    pub fn kept_in_cluster() -> Rollouts {
+        Rollouts {
+            drives: false,
+            ..Rollouts::load(None)
         }
     }
 
@@ -145,6 +167,12 @@ impl Rollouts {
     /// Starts a rolled-back release over from its first step (put in force by the driver at
     /// once).
     pub fn resume(&self, name: &str) -> Result<RolloutStatus, String> {
+        if !self.drives {
+            return Err(format!(
+                "rollouts are kept in the cluster: resume `{name}` on its CanaryRelease \
+                 (README: progressive rollout)"
+            ));
+        }
         let mut inner = self.lock();
         let release = inner
             .source
@@ -164,9 +192,8 @@ impl Rollouts {
         Ok(resumed)
     }
 
-    /// The versions to sample, how long to keep samples, and how often to look (`None`: no
-    /// rollout is progressing).
-    fn sampling(&self) -> Option<(HashSet<(String, String)>, Duration, Duration)> {
+    /// What to sample while some rollout is progressing.
+    fn sampling(&self) -> Option<Sampling> {
         let inner = self.lock();
         let mut versions = HashSet::new();
         let mut shortest = Duration::MAX;
@@ -188,7 +215,11 @@ impl Rollouts {
             return None;
         }
         let tick = (shortest / 10).clamp(FASTEST_TICK, SLOWEST_TICK);
-        Some((versions, longest + 2 * tick, tick))
+        Some(Sampling {
+            versions,
+            keep: longest + 2 * tick,
+            tick,
+        })
     }
 
     /// Runs the analyses that are due and puts each resulting step in force; a step the
@@ -287,7 +318,7 @@ pub async fn drive(rollouts: Arc<Rollouts>, applies: Arc<dyn Applies>) {
     let figures = Arc::new(Mutex::new(LocalFigures::new(Instant::now())));
     loop {
         let sampling = rollouts.sampling();
-        let tick = sampling.as_ref().map_or(SLOWEST_TICK, |(_, _, tick)| *tick);
+        let tick = sampling.as_ref().map_or(SLOWEST_TICK, |s| s.tick);
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
             _ = rollouts.resumed.notified() => {}
@@ -296,9 +327,9 @@ pub async fn drive(rollouts: Arc<Rollouts>, applies: Arc<dyn Applies>) {
         // Parsing the metrics and checking a step are CPU work: on the blocking pool.
         let _ = tokio::task::spawn_blocking(move || {
             let mut figures = figures.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((versions, keep, _)) = sampling {
-                let totals = parse_totals(&applies.metrics_text(), &versions);
-                figures.record(Instant::now(), totals, keep);
+            if let Some(sampling) = sampling {
+                let totals = parse_totals(&applies.metrics_text(), &sampling.versions);
+                figures.record(Instant::now(), totals, sampling.keep);
             }
             rollouts.step(&figures, applies.as_ref());
         })

@@ -243,3 +243,36 @@ fn statuses_read_and_write_as_json_with_timestamps() {
     assert_eq!(back, book);
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn the_checker_refuses_an_unusable_rollout_and_checks_a_good_one_at_its_last_step() {
+    let mut config = config();
+    config.releases[0].percent = Some(5.0);
+    let report = check::check(&config);
+    let finding = report
+        .errors
+        .iter()
+        .find(|e| e.code == "invalid-rollout")
+        .expect("percent and rollout together");
+    assert!(finding.message.contains("release `android`"), "{finding:?}");
+
+    // The last step is what the release may come to: at 100% of everyone it would shadow a
+    // narrower lower-priority release, which the checker says before the rollout starts.
+    let mut config = self::config();
+    config.releases[0].matchers[0].prefix = Some(String::new());
+    config.releases[0].matchers[0].exact = None;
+    config.releases[1].priority = 3;
+    // Every request it matches carries a user, so the release at 100% takes them all.
+    config.releases[1].matchers = config.releases[0].matchers.clone();
+    config.releases[1].matchers.push(crate::config::Matcher {
+        header: "x-user-id".into(),
+        exact: None,
+        prefix: Some(String::new()),
+        regex: None,
+    });
+    let report = check::check(&config);
+    assert!(
+        report.shadowed.iter().any(|s| s.release == "fixed"),
+        "{report:?}"
+    );
+}

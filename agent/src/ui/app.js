@@ -71,8 +71,9 @@ function renderReleases() {
       matches.append(matcherText(m));
     });
     const share = r.percent !== null && r.percent !== undefined
-      ? el("td", {}, `${r.percent}% by `, el("code", {}, r.hashBy || "?"))
+      ? el("td", {}, `${r.percent}%`, r.hashBy ? " by " : "", r.hashBy ? el("code", {}, r.hashBy) : "")
       : el("td", { class: "note" }, "all");
+    if (r.rollout) share.append(el("div", { class: "note rollout" }, `rollout: ${r.rollout}`));
     const targets = el("td", {});
     Object.entries(r.targets).forEach(([service, version], i) => {
       if (i > 0) targets.append(", ");

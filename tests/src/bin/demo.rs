@@ -7,6 +7,12 @@
 //! delivery scenario then edits the rules live. Everything is removed afterwards, also on
 //! Ctrl-C; a wrong path fails the demo.
 //!
+//! The rollout scenario (`--scenario rollout`, also part of the full run) rolls two releases
+//! out at once on the food-delivery chain with the clocks shortened to seconds: a healthy one
+//! walks every step while the terminal shows its step, the share of users it takes and its
+//! error rate; the other, whose delivery version fails one request in ten, is rolled back at
+//! its first analysis.
+//!
 //! `--stay` then deploys the food-delivery scenario once more with traffic flowing, prints the
 //! address of the agent's live page and keeps the node running until Ctrl-C. `--screenshot
 //! FILE` does the same without the scenarios and writes a PNG of the page (headless chromium).
@@ -15,7 +21,11 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -204,10 +214,144 @@ fn run(root: &Path, steer: &Path, demo: &Demo) -> Result<()> {
     Ok(())
 }
 
+/// Requests of one population of users in the rollout demo since the last line printed.
+#[derive(Default)]
+struct Seen {
+    requests: usize,
+    /// Reached the release's version (a failed request counts: only that version fails).
+    canary: usize,
+    failed: usize,
+}
+
+/// Android users (the `android` release) and Atlantis users (`atlantis`), sent in turn by four
+/// threads until `stop`: what each population saw.
+fn rollout_traffic(gateway: SocketAddr, stop: Arc<AtomicBool>) -> Arc<Mutex<[Seen; 2]>> {
+    let seen = Arc::new(Mutex::new([Seen::default(), Seen::default()]));
+    let next_user = Arc::new(AtomicUsize::new(0));
+    for _ in 0..4 {
+        let (seen, next_user, stop) = (seen.clone(), next_user.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let n = next_user.fetch_add(1, Ordering::Relaxed);
+                // 2,000 users of each population, over and over.
+                let (population, tag, canary) = match n % 2 {
+                    0 => (0, ANDROID, "restaurant/v2"),
+                    _ => (1, ATLANTIS, "delivery/v2"),
+                };
+                let user = format!("user-{}", n / 2 % 2000);
+                let headers = [("host", "order"), tag, ("x-user-id", user.as_str())];
+                let Ok(reply) = http::get(gateway, "/", &headers) else {
+                    continue;
+                };
+                let reached = match serde_json::from_str::<Hop>(&reply.body) {
+                    Ok(hop) => reply.status != 200 || hop.path().contains(canary),
+                    Err(_) => true,
+                };
+                let mut seen = seen.lock().unwrap();
+                let seen = &mut seen[population];
+                seen.requests += 1;
+                seen.canary += usize::from(reached);
+                seen.failed += usize::from(reply.status != 200);
+            }
+        });
+    }
+    seen
+}
+
+/// Two rollouts at once, shown live: one walks every step, one is rolled back.
+fn rollout(root: &Path, steer: &Path) -> Result<()> {
+    println!("\n=== Progressive rollout: two releases at once, each on its own clock ===\n");
+    let file = root.join("deploy/examples/rollout.yaml");
+    check(steer, &file)?;
+    let mut config = Config::load(&file)?;
+    // Seconds instead of minutes, and steps a few hundred requests a second can judge.
+    for release in &mut config.releases {
+        let rollout = release.rollout.as_mut().context("the example rolls out")?;
+        rollout.interval = Duration::from_secs(3);
+        rollout.analysis.min_requests = 10;
+        if release.name == "android" {
+            rollout.steps = vec![10.0, 25.0, 50.0, 100.0];
+        }
+    }
+    let text = serde_yaml_ng::to_string(&config)?;
+    let faulty: &[(&str, &str, &[&str])] = &[("delivery", "v2", &["--fail-every", "10"])];
+    let scenario = Scenario::deploy_text(&text, DEMOS[0].calls, faulty, Node::new()?)?;
+    println!(
+        "\n  node {}: rollout.yaml with 3 s intervals; delivery v2 (the atlantis release's \
+         version) fails one request in ten\n",
+        scenario.node.name
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = rollout_traffic(scenario.gateway, stop.clone());
+    println!(
+        "  {:>5}  {:<9} {:<12} {:>5}  {:>11}  {:>10}  last analysis",
+        "t", "release", "phase", "step", "users in", "errors"
+    );
+    let started = Instant::now();
+    let outcome = loop {
+        std::thread::sleep(Duration::from_millis(1000));
+        let reply = http::get(scenario.admin, "/rollouts", &[])?;
+        let rollouts: Vec<serde_json::Value> = serde_json::from_str(&reply.body)?;
+        let window = std::mem::take(&mut *seen.lock().unwrap());
+        for (population, status) in rollouts.iter().enumerate() {
+            let seen = &window[population.min(1)];
+            let share = |n: usize| 100.0 * n as f64 / seen.requests.max(1) as f64;
+            println!(
+                "  {:>4.0}s  {:<9} {:<12} {:>5}  {:>5.1}% /{:>3}%  {:>9.1}%  {}",
+                started.elapsed().as_secs_f64(),
+                status["release"].as_str().unwrap_or(""),
+                status["phase"].as_str().unwrap_or(""),
+                format!(
+                    "{}/{}",
+                    status["step"].as_u64().unwrap_or(0) + 1,
+                    status["steps"].as_array().map_or(0, Vec::len)
+                ),
+                share(seen.canary),
+                status["percent"],
+                share(seen.failed),
+                status["lastAnalysis"]["message"].as_str().unwrap_or("-"),
+            );
+        }
+        let phase = |release: &str| {
+            rollouts
+                .iter()
+                .find(|r| r["release"] == release)
+                .and_then(|r| r["phase"].as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        match (phase("android").as_str(), phase("atlantis").as_str()) {
+            ("Succeeded", "RolledBack") => break Ok(()),
+            _ if started.elapsed() > Duration::from_secs(60) => {
+                break Err(anyhow::anyhow!(
+                    "the rollouts did not settle in a minute: {rollouts:#?}"
+                ));
+            }
+            _ => {}
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    outcome?;
+    let status = Command::new(steer)
+        .args(["rollout", "status", "--admin", &scenario.admin.to_string()])
+        .output()
+        .context("run steer rollout status")?;
+    println!("\n  steer rollout status:");
+    for line in String::from_utf8_lossy(&status.stdout).lines() {
+        println!("  {line}");
+    }
+    println!(
+        "\n  android walked every step and waits for `steer rollout promote android --config F \
+         --write`;\n  atlantis was rolled back at its first analysis and takes no traffic until \
+         `steer rollout resume atlantis`."
+    );
+    Ok(())
+}
+
 #[derive(Parser)]
 #[command(about = "The seed's case studies on a simulated node, checked against `steer explain`")]
 struct Args {
-    /// Run only this scenario: food-delivery, order-email or abz.
+    /// Run only this scenario: food-delivery, order-email, abz or rollout.
     #[arg(long)]
     scenario: Option<String>,
     /// Afterwards, keep the food-delivery node running with traffic flowing, and print the
@@ -304,13 +448,19 @@ fn main() -> Result<()> {
         .iter()
         .filter(|d| only.is_none_or(|name| name == d.name))
         .collect();
-    if chosen.is_empty() {
-        bail!("unknown scenario {only:?}: food-delivery, order-email or abz");
+    let with_rollout = only.is_none_or(|name| name == "rollout");
+    if chosen.is_empty() && !with_rollout {
+        bail!("unknown scenario {only:?}: food-delivery, order-email, abz or rollout");
     }
-    for scenario in chosen {
+    for scenario in &chosen {
         run(&root, &steer, scenario)?;
     }
-    println!("\ndemo: every path matched `steer explain`");
+    if !chosen.is_empty() {
+        println!("\ndemo: every path matched `steer explain`");
+    }
+    if with_rollout {
+        rollout(&root, &steer)?;
+    }
     if args.stay {
         stay(&root)?;
     }

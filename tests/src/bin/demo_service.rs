@@ -8,7 +8,8 @@
 //!
 //! For the proxy's tests it also speaks HTTP/2 (h2c), sends gRPC-style trailers on `/trailers`,
 //! streams request bodies back on `/echo`, answers `?sleep=MS` after a delay, and
-//! accepts `Upgrade` requests (101) on which it echoes bytes back, like a WebSocket echo.
+//! accepts `Upgrade` requests (101) on which it echoes bytes back, like a WebSocket echo. For
+//! the rollout tests a version can be made faulty (`--fail-every N`) or slow (`--delay-ms`).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -42,6 +43,12 @@ struct Args {
         default_value = "x-device,x-region,x-user-id,x-steer-release,baggage"
     )]
     forward: Vec<String>,
+    /// A faulty version: every Nth request is answered 500 (0: none).
+    #[arg(long, default_value_t = 0)]
+    fail_every: u64,
+    /// A slow version: every answer waits this long first.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
 }
 
 fn parse_call(arg: &str) -> Result<(String, String), String> {
@@ -73,14 +80,17 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let mut accepted = 0u64;
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
     loop {
         let (stream, _) = listener.accept().await?;
         accepted += 1;
         let connection = accepted;
         let args = args.clone();
+        let served = served.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let answer = handle(args.clone(), req);
+                let nth = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                let answer = handle(args.clone(), req, nth);
                 async move {
                     let mut response = answer.await?;
                     // Which of this pod's connections carried the request: shows reuse.
@@ -101,7 +111,17 @@ async fn main() -> Result<()> {
 async fn handle(
     args: Arc<Args>,
     mut req: Request<Incoming>,
+    nth: u64,
 ) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
+    if args.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(args.delay_ms)).await;
+    }
+    if args.fail_every > 0 && nth.is_multiple_of(args.fail_every) {
+        return Ok(Response::builder()
+            .status(StatusCode::INTERNAL_SERVER_ERROR)
+            .body(Full::new(Bytes::from_static(b"injected failure\n")).boxed())
+            .expect("valid response"));
+    }
     if req.headers().contains_key("upgrade") {
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {

@@ -128,6 +128,7 @@ fn merged(resting: &Config, releases: usize) -> Result<Config> {
         percent: None,
         hash_by: None,
         targets: BTreeMap::from([("bench".to_string(), MARKER.to_string())]),
+        rollout: None,
     });
     Ok(config)
 }

@@ -1,0 +1,389 @@
+//! Progressive rollout end to end on a simulated node: the real agent rolls releases out step
+//! by step from its own figures while real requests of thousands of users flow through the
+//! food-delivery chain (order -> restaurant -> delivery); a faulty or slow canary version is
+//! rolled back by itself, a healthy one walks every step and is promoted by `steer rollout
+//! promote`. Clocks are shortened through the rollouts' own `interval`.
+
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use steer::config::Config;
+use steer_tests::{
+    Node, http,
+    scenario::{Hop, Scenario, binary},
+};
+
+const FOOD_CHAIN: &[(&str, &[&str])] = &[("order", &["restaurant"]), ("restaurant", &["delivery"])];
+
+/// The rollout example with its releases adjusted by `adjust` (shorter clocks, fewer
+/// requests to judge).
+fn example(adjust: impl FnOnce(&mut Config)) -> Config {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/rollout.yaml");
+    let mut config = Config::load(&path).unwrap();
+    adjust(&mut config);
+    config
+}
+
+/// Sets `release`'s steps, interval, requests to judge and latency bound.
+fn clock(config: &mut Config, release: &str, steps: &[f64], interval_ms: u64, min: u64) {
+    let release = config
+        .releases
+        .iter_mut()
+        .find(|r| r.name == release)
+        .unwrap();
+    let rollout = release.rollout.as_mut().unwrap();
+    rollout.steps = steps.to_vec();
+    rollout.interval = Duration::from_millis(interval_ms);
+    rollout.analysis.min_requests = min;
+}
+
+fn deploy(config: &Config, faults: &[(&str, &str, &[&str])]) -> Scenario {
+    let text = serde_yaml_ng::to_string(config).unwrap();
+    Scenario::deploy_text(&text, FOOD_CHAIN, faults, Node::new().unwrap()).unwrap()
+}
+
+/// `user-{prefix}-{i}` for i in 0..n.
+fn users(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("user-{prefix}-{i}")).collect()
+}
+
+/// One request per user through the gateway to `order` with `tags`, eight at a time: each
+/// user's status and path (`order/v1 -> restaurant/v2 -> delivery/v1`; what answered, for a
+/// failed one).
+fn pass(scenario: &Scenario, users: &[String], tags: &[(&str, &str)]) -> Vec<(u16, String)> {
+    let chunk = users.len().div_ceil(8).max(1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = users
+            .chunks(chunk)
+            .map(|users| {
+                scope.spawn(move || {
+                    users
+                        .iter()
+                        .map(|user| {
+                            let mut headers = vec![("host", "order"), ("x-user-id", user.as_str())];
+                            headers.extend_from_slice(tags);
+                            let reply = http::get(scenario.gateway, "/", &headers).unwrap();
+                            let path = serde_json::from_str::<Hop>(&reply.body)
+                                .map(|hop| hop.path())
+                                .unwrap_or(reply.body);
+                            (reply.status, path)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    })
+}
+
+fn rollouts(scenario: &Scenario) -> Vec<Value> {
+    let reply = http::get(scenario.admin, "/rollouts", &[]).unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    serde_json::from_str(&reply.body).unwrap()
+}
+
+fn status(scenario: &Scenario, release: &str) -> Value {
+    rollouts(scenario)
+        .into_iter()
+        .find(|r| r["release"] == release)
+        .unwrap_or_else(|| panic!("no rollout `{release}`"))
+}
+
+/// Requests the agent counted to `service`/`version` (any release, any status).
+fn requests_to(scenario: &Scenario, service: &str, version: &str) -> u64 {
+    let metrics = http::get(scenario.admin, "/metrics", &[]).unwrap().body;
+    let labels = format!("service=\"{service}\",version=\"{version}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("steer_requests_total{") && l.contains(&labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Users and the tags they send: one population of a load.
+type Load<'a> = &'a [(&'a [String], &'a [(&'a str, &'a str)])];
+
+/// Sends rounds of requests (from `users` with `tags`) until `done` holds of the rollouts.
+fn load_until(
+    scenario: &Scenario,
+    load: Load<'_>,
+    what: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let started = Instant::now();
+    loop {
+        let now = rollouts(scenario);
+        if done(&now) {
+            return now;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "{what}: not reached; rollouts: {now:#?}"
+        );
+        for (users, tags) in load {
+            pass(scenario, users, tags);
+        }
+    }
+}
+
+fn phase_of<'a>(rollouts: &'a [Value], release: &str) -> &'a str {
+    rollouts
+        .iter()
+        .find(|r| r["release"] == release)
+        .and_then(|r| r["phase"].as_str())
+        .unwrap_or("")
+}
+
+fn steer(args: &[&str]) -> (bool, String) {
+    let output = Command::new(binary("steer").unwrap())
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+const ANDROID: (&str, &str) = ("x-device", "android");
+const ATLANTIS: (&str, &str) = ("x-region", "atlantis");
+
+#[test]
+fn a_healthy_canary_walks_every_step_with_growing_sticky_shares_and_is_promoted() {
+    let steps = [1.0, 5.0, 10.0, 25.0, 50.0, 100.0];
+    let config = example(|config| {
+        config.releases.retain(|r| r.name == "android");
+        clock(config, "android", &steps, 6000, 10);
+    });
+    let scenario = deploy(&config, &[]);
+    let users = users("a", 2000);
+    let mut measured: Vec<(usize, f64)> = Vec::new();
+    let mut previous: HashSet<&String> = HashSet::new();
+    let started = Instant::now();
+    loop {
+        let now = status(&scenario, "android");
+        if now["step"] == 1 {
+            // The page shows where the rollout stands.
+            let page = http::get(scenario.admin, "/ui/state", &[]).unwrap().body;
+            assert!(page.contains("step 2 of 6: 5%"), "{page}");
+        }
+        match now["phase"].as_str().unwrap() {
+            "Succeeded" => break,
+            "Progressing" => {}
+            other => panic!("{other}: {now:#}"),
+        }
+        let step = now["step"].as_u64().unwrap() as usize;
+        if measured.iter().all(|(s, _)| *s != step) {
+            // Every user once, at this step: who reached the canary version?
+            let paths = pass(&scenario, &users, &[ANDROID]);
+            let after = status(&scenario, "android");
+            assert_eq!(
+                after["stepStartedAt"], now["stepStartedAt"],
+                "the pass outlasted its step: lengthen the interval"
+            );
+            let inside: HashSet<&String> = users
+                .iter()
+                .zip(&paths)
+                .filter(|(_, (code, path))| {
+                    assert_eq!(*code, 200, "{path}");
+                    path.contains("restaurant/v2")
+                })
+                .map(|(user, _)| user)
+                .collect();
+            let share = inside.len() as f64 / users.len() as f64 * 100.0;
+            assert!(
+                (share - steps[step]).abs() <= 3.0,
+                "step {step}: {share}% of the users, want {}%",
+                steps[step]
+            );
+            assert!(
+                previous.is_subset(&inside),
+                "step {step}: users of the last step are out"
+            );
+            measured.push((step, share));
+            previous = inside;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "stuck: {now:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let seen: Vec<usize> = measured.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        seen,
+        [0, 1, 2, 3, 4, 5],
+        "every step measured: {measured:?}"
+    );
+
+    let admin = scenario.admin.to_string();
+    let (ok, shown) = steer(&["rollout", "status", "--admin", &admin]);
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains("android") && shown.contains("Succeeded"),
+        "{shown}"
+    );
+    assert!(shown.contains("promotion proposed"), "{shown}");
+
+    // The promotion a person writes: restaurant v2 becomes primary, the release goes.
+    let path = scenario.config_path.display().to_string();
+    let (ok, text) = steer(&[
+        "rollout", "promote", "android", "--config", &path, "--write",
+    ]);
+    assert!(ok, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !rollouts(&scenario).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the promoted file was not applied"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (code, path) in pass(&scenario, &users[..50], &[("x-device", "iphone")]) {
+        assert_eq!(code, 200);
+        assert_eq!(path, "order/v1 -> restaurant/v2 -> delivery/v1");
+    }
+}
+
+#[test]
+fn a_canary_answering_500_to_5_percent_is_rolled_back_at_the_first_analysis_and_stays_out() {
+    let config = example(|config| {
+        config.releases.retain(|r| r.name == "android");
+        clock(config, "android", &[20.0, 50.0, 100.0], 3000, 20);
+    });
+    let scenario = deploy(&config, &[("restaurant", "v2", &["--fail-every", "20"])]);
+    let android = users("a", 500);
+    let load: Load<'_> = &[(&android, &[ANDROID])];
+    let now = load_until(&scenario, load, "rolled back", |r| {
+        phase_of(r, "android") != "Progressing" || r[0]["step"] != 0
+    });
+    let rolled = &now[0];
+    assert_eq!(rolled["phase"], "RolledBack", "{rolled:#}");
+    assert_eq!(rolled["step"], 0, "at the first analysis: {rolled:#}");
+    assert_eq!(rolled["percent"], 0.0);
+    let analysis = &rolled["lastAnalysis"];
+    assert_eq!(analysis["outcome"], "Failed");
+    let rate = analysis["errorRate"].as_f64().unwrap();
+    assert!((0.03..=0.07).contains(&rate), "{analysis:#}");
+    assert!(
+        rolled["message"].as_str().unwrap().contains("error rate"),
+        "{rolled:#}"
+    );
+
+    // The live page lists it as rolled back, with why.
+    let page: Value =
+        serde_json::from_str(&http::get(scenario.admin, "/ui/state", &[]).unwrap().body).unwrap();
+    let row = page["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "android")
+        .unwrap();
+    assert_eq!(row["verdict"], "rolled-back", "{row:#}");
+    assert!(
+        row["rollout"].as_str().unwrap().contains("error rate"),
+        "{row:#}"
+    );
+
+    // No request of the release reaches the canary version any more, and a restarted agent
+    // keeps it rolled back.
+    let mut scenario = scenario;
+    scenario.start_agent().unwrap();
+    assert_eq!(status(&scenario, "android")["phase"], "RolledBack");
+    let before = requests_to(&scenario, "restaurant", "v2");
+    for (code, path) in pass(&scenario, &android, &[ANDROID]) {
+        assert_eq!(code, 200, "{path}");
+        assert_eq!(path, "order/v1 -> restaurant/v1 -> delivery/v1");
+    }
+    assert_eq!(requests_to(&scenario, "restaurant", "v2"), before);
+
+    // A person resumes it: the first step again.
+    let admin = scenario.admin.to_string();
+    let (ok, text) = steer(&["rollout", "resume", "android", "--admin", &admin]);
+    assert!(ok, "{text}");
+    let resumed = status(&scenario, "android");
+    assert_eq!(
+        (resumed["phase"].as_str(), resumed["step"].as_u64()),
+        (Some("Progressing"), Some(0))
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pass(&scenario, &android[..100], &[ANDROID])
+        .iter()
+        .all(|(_, path)| !path.contains("restaurant/v2"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the resumed step is not in force"
+        );
+    }
+    let (ok, text) = steer(&["rollout", "resume", "android", "--admin", &admin]);
+    assert!(!ok && text.contains("not rolled back"), "{text}");
+}
+
+#[test]
+fn a_canary_slower_than_one_and_a_half_times_the_primarys_p99_is_rolled_back() {
+    let config = example(|config| {
+        config.releases.retain(|r| r.name == "android");
+        clock(config, "android", &[50.0, 100.0], 3000, 20);
+    });
+    let scenario = deploy(&config, &[("restaurant", "v2", &["--delay-ms", "40"])]);
+    let android = users("a", 200);
+    let load: Load<'_> = &[(&android, &[ANDROID])];
+    let now = load_until(&scenario, load, "rolled back", |r| {
+        phase_of(r, "android") != "Progressing"
+    });
+    let rolled = &now[0];
+    assert_eq!(rolled["phase"], "RolledBack", "{rolled:#}");
+    let analysis = &rolled["lastAnalysis"];
+    assert!(analysis["p99Ratio"].as_f64().unwrap() > 1.5, "{analysis:#}");
+    assert!(
+        analysis["message"]
+            .as_str()
+            .unwrap()
+            .contains("maxLatencyP99Ratio"),
+        "{analysis:#}"
+    );
+    assert_eq!(analysis["errors"], 0);
+}
+
+#[test]
+fn two_releases_roll_out_at_once_on_one_chain_one_fails_the_other_goes_on() {
+    let config = example(|config| {
+        clock(config, "android", &[10.0, 50.0, 100.0], 3000, 10);
+        clock(config, "atlantis", &[10.0, 50.0, 100.0], 3000, 10);
+    });
+    let scenario = deploy(&config, &[("delivery", "v2", &["--fail-every", "10"])]);
+    let android = users("a", 300);
+    let atlantis = users("b", 300);
+    let load: Load<'_> = &[(&android, &[ANDROID]), (&atlantis, &[ATLANTIS])];
+    let now = load_until(&scenario, load, "both settled", |r| {
+        phase_of(r, "android") == "Succeeded" && phase_of(r, "atlantis") == "RolledBack"
+    });
+    let atlantis_status = now.iter().find(|r| r["release"] == "atlantis").unwrap();
+    assert!(
+        atlantis_status["message"]
+            .as_str()
+            .unwrap()
+            .contains("error rate"),
+        "{atlantis_status:#}"
+    );
+    // The healthy one holds at 100% (a file's promotion is proposed), the failed one takes
+    // nothing.
+    for (code, path) in pass(&scenario, &android[..50], &[ANDROID]) {
+        assert_eq!(code, 200, "{path}");
+        assert_eq!(path, "order/v1 -> restaurant/v2 -> delivery/v1");
+    }
+    let before = requests_to(&scenario, "delivery", "v2");
+    for (code, path) in pass(&scenario, &atlantis[..100], &[ATLANTIS]) {
+        assert_eq!(code, 200, "{path}");
+        assert_eq!(path, "order/v1 -> restaurant/v1 -> delivery/v1");
+    }
+    assert_eq!(requests_to(&scenario, "delivery", "v2"), before);
+}
