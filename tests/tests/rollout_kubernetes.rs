@@ -271,8 +271,13 @@ fn take_over(server: &Arc<ApiServer>, prometheus: &PrometheusServer) -> OtherAge
         cgroup_root: None,
         prometheus: Some(Prometheus::new(&prometheus.url).unwrap()),
     };
+    // The client spawns its task on the runtime it is made in.
+    let client = {
+        let _entered = runtime.enter();
+        server.client()
+    };
     runtime.spawn(kubernetes::run(
-        server.client(),
+        client,
         options,
         Box::new(|_| Ok(())),
         Box::new(|_| {}),

@@ -256,7 +256,7 @@ async fn follow(
         // Sorted: a store's order changes with its updates, the cluster it holds does not.
         let cluster = Arc::new(Cluster {
             releases: sorted(current.iter().map(|r| without_status(r))),
-            rollouts: rollout::stored(current.iter().map(|r| &**r)),
+            rollouts: rollout::routing(&rollout::stored(current.iter().map(|r| &**r))),
             services: sorted(services.state().iter().map(|s| (**s).clone())),
             slices: sorted(slices.state().iter().map(|s| (**s).clone())),
             pods: pods
@@ -309,7 +309,6 @@ async fn follow(
                         translation.config,
                         translation.report,
                         &cluster.rollouts,
-                        rollouts,
                         rollout_source,
                     );
                     let checked = Checked {
@@ -333,6 +332,12 @@ async fn follow(
                 }
             }
         }
+        // Every status write of the driver changes what the page shows, if not the routing.
+        rollout::show(
+            rollouts,
+            &rollout_source.borrow(),
+            &rollout::stored(current.iter().map(|r| &**r)),
+        );
         let pending = applied.as_ref() != Some(&cluster)
             || (leading_now && written.as_ref() != Some(&cluster));
         let awaiting_cgroups = options.cgroup_root.is_some() && !cluster.opted_out.is_empty();

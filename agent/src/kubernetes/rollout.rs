@@ -57,28 +57,54 @@ pub fn stored<'a>(releases: impl IntoIterator<Item = &'a CanaryRelease>) -> Book
         .collect()
 }
 
+/// The part of each status routing depends on (which rollout, its phase and share): a status
+/// write that changes only the message, the figures or the times rebuilds nothing.
+pub fn routing(stored: &Book) -> Book {
+    stored
+        .iter()
+        .map(|(name, status)| {
+            let status = RolloutStatus {
+                step_started_at: jiff::Timestamp::UNIX_EPOCH,
+                next_analysis_at: None,
+                last_analysis: None,
+                message: String::new(),
+                ..status.clone()
+            };
+            (name.clone(), status)
+        })
+        .collect()
+}
+
 /// What the rules see of a translated configuration (checked): each rolling release at the
-/// step its status holds, a new or changed one at its first step, a rolled-back or promoted
-/// one left out. Shows the rollouts on the admin page and hands the configuration to the
-/// driver.
+/// step its status holds (`stored`, or its `routing` part), a new or changed one at its first
+/// step, a rolled-back or promoted one left out. Hands the configuration to the driver.
 pub fn in_force(
     config: Config,
     report: Report,
     stored: &Book,
-    rollouts: &Rollouts,
     source: &watch::Sender<Option<Arc<Config>>>,
 ) -> (Config, Report) {
     if !config.releases.iter().any(|r| r.rollout.is_some()) {
-        rollouts.show(Config::default(), Book::new());
         source.send_replace(None);
         return (config, report);
     }
     let book = rollout::reconcile(&config, stored, jiff::Timestamp::now());
     let effective = rollout::effective(&config, &book);
     let report = check::check(&effective);
-    rollouts.show(config.clone(), book);
     source.send_replace(Some(Arc::new(config)));
     (effective, report)
+}
+
+/// Shows the rollouts of `source` (the configuration `in_force` last handed on) on the admin
+/// page, where the `stored` statuses have them.
+pub fn show(rollouts: &Rollouts, source: &Option<Arc<Config>>, stored: &Book) {
+    match source {
+        Some(config) => {
+            let book = rollout::reconcile(config, stored, jiff::Timestamp::now());
+            rollouts.show(Config::clone(config), book);
+        }
+        None => rollouts.show(Config::default(), Book::new()),
+    }
 }
 
 /// What the driver needs.
@@ -436,8 +462,9 @@ mod tests {
         let (source, driven) = watch::channel(None);
         let percent_in_force = |stored: &Book| {
             let report = check::check(&config);
-            let (config, report) = in_force(config.clone(), report, stored, &rollouts, &source);
+            let (config, report) = in_force(config.clone(), report, &routing(stored), &source);
             assert!(report.valid, "{:?}", report.errors);
+            show(&rollouts, &source.borrow(), stored);
             config
                 .releases
                 .first()
@@ -475,7 +502,8 @@ mod tests {
         // Without rollouts the translation is in force as it is, and the driver idles.
         let plain = Config::from_yaml("services: []\n", "t.yaml").unwrap();
         let report = check::check(&plain);
-        in_force(plain, report, &Book::new(), &rollouts, &source);
+        in_force(plain, report, &Book::new(), &source);
+        show(&rollouts, &source.borrow(), &Book::new());
         assert!(driven.borrow().is_none());
         assert!(rollouts.views().is_empty());
     }
