@@ -45,7 +45,7 @@ enum Task {
 }
 
 /// Debian packages the tests and the demo use, by the command that proves each is installed.
-const PACKAGES: [(&str, &str); 6] = [
+const PACKAGES: [(&str, &str); 7] = [
     ("ip", "iproute2"),
     ("nft", "nftables"),
     ("bpftool", "bpftool"),
@@ -53,6 +53,8 @@ const PACKAGES: [(&str, &str); 6] = [
     ("mount", "mount"),
     // The live page's browser tests and screenshot (headless).
     ("chromium", "chromium"),
+    // The Kubernetes rollout tests' analyses read a real Prometheus.
+    ("prometheus", "prometheus"),
 ];
 /// What only the benchmarks use: the proxies steer is compared with.
 const BENCH_PACKAGES: [(&str, &str); 2] = [("nginx", "nginx-light"), ("haproxy", "haproxy")];
