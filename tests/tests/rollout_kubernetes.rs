@@ -316,6 +316,20 @@ fn a_rollout_walks_its_steps_across_a_leader_change_and_is_promoted() {
     wait_for("the second step in force", Duration::from_secs(5), || {
         (percent_in_force(&scenario) == Some(50.0)).then_some(())
     });
+    // The admin API shows where it stands, as the status has it.
+    let views: Value =
+        serde_json::from_str(&http::get(scenario.admin, "/rollouts", &[]).unwrap().body).unwrap();
+    let view = views
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["release"] == format!("{}/{RELEASE}", Cluster::NAMESPACE))
+        .unwrap_or_else(|| panic!("{views}"));
+    assert_eq!(
+        (&view["step"], &view["percent"]),
+        (&json!(1), &json!(50.0)),
+        "{view}"
+    );
 
     // Another agent takes the lease: it continues from the stored step, never from the first.
     let written_before = server.patches().len();

@@ -133,6 +133,7 @@ pub async fn drive(driver: Driver, source: watch::Receiver<Option<Arc<Config>>>)
             .releases
             .state()
             .into_iter()
+            .filter(|r| r.spec.rollout.is_some())
             .map(|r| (key_of(&r), r))
             .collect();
         let now = jiff::Timestamp::now();
