@@ -309,8 +309,15 @@ fn a_rollout_walks_its_steps_across_a_leader_change_and_is_promoted() {
     let second = rollout(&server);
     assert_eq!(second["percent"], 50.0, "{second}");
     assert_eq!(second["lastAnalysis"]["outcome"], "Passed", "{second}");
+    // Figures from Prometheus: the release's requests and latency, and the primaries'.
+    let analysis = &second["lastAnalysis"];
+    assert!(analysis["requests"].as_u64().unwrap() >= 10, "{second}");
     assert!(
-        second["lastAnalysis"]["requests"].as_u64().unwrap() >= 10,
+        analysis["primaryRequests"].as_u64().unwrap() > 0,
+        "{second}"
+    );
+    assert!(
+        analysis["p99"].as_f64().is_some() && analysis["primaryP99"].as_f64().is_some(),
         "{second}"
     );
     wait_for("the second step in force", Duration::from_secs(5), || {
