@@ -62,6 +62,8 @@ pub struct Rollouts {
     /// leader drives, from the cluster's figures).
     drives: bool,
     resumed: tokio::sync::Notify,
+    /// What `views` shows, replaced whole after each change.
+    published: Mutex<Vec<RolloutView>>,
 }
 
 /// The figures the progressing rollouts need.
@@ -102,6 +104,7 @@ impl Rollouts {
             state_file,
             drives: true,
             resumed: tokio::sync::Notify::new(),
+            published: Mutex::default(),
         }
     }
 
@@ -130,7 +133,7 @@ impl Rollouts {
         apply(super::effective(&source, &book))?;
         inner.source = source;
         inner.book = book;
-        self.persist(&inner.book);
+        self.publish(&inner.source, &inner.book);
         Ok(())
     }
 
@@ -140,28 +143,15 @@ impl Rollouts {
         let mut inner = self.lock();
         inner.source = source;
         inner.book = book;
+        self.publish(&inner.source, &inner.book);
     }
 
-    /// Every rollout and where it stands.
+    /// Every rollout and where it stands (as last published: never waits for an apply).
     pub fn views(&self) -> Vec<RolloutView> {
-        let inner = self.lock();
-        inner
-            .source
-            .releases
-            .iter()
-            .filter_map(|release| {
-                let rollout = release.rollout.as_ref()?;
-                Some(RolloutView {
-                    release: release.name.clone(),
-                    steps: rollout.steps.clone(),
-                    interval: format!(
-                        "{:#}",
-                        jiff::SignedDuration::try_from(rollout.interval).unwrap_or_default()
-                    ),
-                    status: inner.book.get(&release.name)?.clone(),
-                })
-            })
-            .collect()
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Starts a rolled-back release over from its first step (put in force by the driver at
@@ -187,6 +177,7 @@ impl Rollouts {
         let resumed = super::resume(release, status, jiff::Timestamp::now())?;
         info!(release = name, "rollout resumed by request");
         inner.book.insert(name.to_string(), resumed.clone());
+        self.publish(&inner.source, &inner.book);
         inner.pending = true;
         self.resumed.notify_one();
         Ok(resumed)
@@ -291,12 +282,34 @@ impl Rollouts {
             }
         }
         if changed {
-            self.persist(book);
+            self.publish(source, book);
         }
     }
 
+    /// Publishes the statuses for `views` and saves them.
+    fn publish(&self, source: &Config, book: &Book) {
+        let views = source
+            .releases
+            .iter()
+            .filter_map(|release| {
+                let rollout = release.rollout.as_ref()?;
+                Some(RolloutView {
+                    release: release.name.clone(),
+                    steps: rollout.steps.clone(),
+                    interval: format!(
+                        "{:#}",
+                        jiff::SignedDuration::try_from(rollout.interval).unwrap_or_default()
+                    ),
+                    status: book.get(&release.name)?.clone(),
+                })
+            })
+            .collect();
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = views;
+        self.save(book);
+    }
+
     /// Writes the statuses (whole, then renamed into place: never half a file).
-    fn persist(&self, book: &Book) {
+    fn save(&self, book: &Book) {
         let Some(path) = &self.state_file else {
             return;
         };
