@@ -251,6 +251,7 @@ async fn follow(
     let mut applied: Option<Arc<Cluster>> = None;
     let mut applied_opt_out: Vec<PathBuf> = Vec::new();
     let mut written: Option<Arc<Cluster>> = None;
+    let mut page = rollout::Page::default();
     loop {
         let current = releases.state();
         // Sorted: a store's order changes with its updates, the cluster it holds does not.
@@ -333,10 +334,10 @@ async fn follow(
             }
         }
         // Every status write of the driver changes what the page shows, if not the routing.
-        rollout::show(
+        page.show(
             rollouts,
-            &rollout_source.borrow(),
-            &rollout::stored(current.iter().map(|r| &**r)),
+            rollout_source.borrow().clone(),
+            rollout::stored(current.iter().map(|r| &**r)),
         );
         let pending = applied.as_ref() != Some(&cluster)
             || (leading_now && written.as_ref() != Some(&cluster));

@@ -95,15 +95,35 @@ pub fn in_force(
     (effective, report)
 }
 
-/// Shows the rollouts of `source` (the configuration `in_force` last handed on) on the admin
-/// page, where the `stored` statuses have them.
-pub fn show(rollouts: &Rollouts, source: &Option<Arc<Config>>, stored: &Book) {
-    match source {
-        Some(config) => {
-            let book = rollout::reconcile(config, stored, jiff::Timestamp::now());
-            rollouts.show(Config::clone(config), book);
+/// What the admin page was last shown: the configuration `in_force` handed on and the stored
+/// statuses.
+#[derive(Default)]
+pub struct Page {
+    shown: Option<(Option<Arc<Config>>, Book)>,
+}
+
+impl Page {
+    /// Shows the rollouts of `source` where the `stored` statuses have them, unless that is
+    /// what the page shows already (most events change neither).
+    pub fn show(&mut self, rollouts: &Rollouts, source: Option<Arc<Config>>, stored: Book) {
+        if let Some((shown_source, shown_stored)) = &self.shown {
+            let same_source = match (shown_source, &source) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if same_source && *shown_stored == stored {
+                return;
+            }
         }
-        None => rollouts.show(Config::default(), Book::new()),
+        match &source {
+            Some(config) => {
+                let book = rollout::reconcile(config, &stored, jiff::Timestamp::now());
+                rollouts.show(Config::clone(config), book);
+            }
+            None => rollouts.show(Config::default(), Book::new()),
+        }
+        self.shown = Some((source, stored));
     }
 }
 
@@ -465,7 +485,7 @@ mod tests {
             let report = check::check(&config);
             let (config, report) = in_force(config.clone(), report, &routing(stored), &source);
             assert!(report.valid, "{:?}", report.errors);
-            show(&rollouts, &source.borrow(), stored);
+            Page::default().show(&rollouts, source.borrow().clone(), stored.clone());
             config
                 .releases
                 .first()
@@ -504,7 +524,7 @@ mod tests {
         let plain = Config::from_yaml("services: []\n", "t.yaml").unwrap();
         let report = check::check(&plain);
         in_force(plain, report, &Book::new(), &source);
-        show(&rollouts, &source.borrow(), &Book::new());
+        Page::default().show(&rollouts, source.borrow().clone(), Book::new());
         assert!(driven.borrow().is_none());
         assert!(rollouts.views().is_empty());
     }
