@@ -62,8 +62,9 @@ enum Command {
         /// 15001). Connections of a family without one are not redirected.
         #[arg(long)]
         listen: crate::run::ListenAddresses,
-        /// The admin server (health, readiness, metrics, config, explain).
-        #[arg(long, default_value_t = crate::admin::default_address())]
+        /// The admin server (health, readiness, metrics, config, explain): IP:PORT, or a bare
+        /// IP (port 15000), as the downward API gives a node's IP.
+        #[arg(long, default_value_t = crate::admin::default_address(), value_parser = admin_address)]
         admin: std::net::SocketAddr,
         /// The north-south entry: incoming stamps are removed, the rules decide (IP:PORT, or
         /// a bare IP: port 15080).
@@ -170,6 +171,10 @@ enum RolloutCommand {
         #[arg(long)]
         write: bool,
     },
+}
+
+fn admin_address(text: &str) -> Result<std::net::SocketAddr, String> {
+    crate::run::address_or_ip(text, crate::admin::default_address().port())
 }
 
 fn parse_prometheus_url(url: &str) -> Result<crate::kubernetes::prometheus::Prometheus, String> {
@@ -658,5 +663,41 @@ fn render_overlap(title: &str, overlap: &check::Overlap) -> String {
              higher priority",
             overlap.winner
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `steer run` as deploy/daemonset.yaml runs it (the downward API's bare node IP).
+    #[test]
+    fn the_daemonsets_run_arguments_parse() {
+        let run = |extra: &[&str]| {
+            let base = ["steer", "run", "--kubernetes", "--listen", "10.0.0.5"];
+            Cli::try_parse_from(base.iter().chain(extra))
+        };
+        let cli = run(&[
+            "--admin",
+            "10.0.0.5",
+            "--prometheus-url",
+            "http://steer-prometheus.steer-system.svc:9090",
+        ])
+        .unwrap();
+        let Command::Run {
+            admin,
+            prometheus_url,
+            ..
+        } = cli.command
+        else {
+            panic!("not run: {cli:?}")
+        };
+        assert_eq!(admin, "10.0.0.5:15000".parse().unwrap());
+        assert!(prometheus_url.is_some());
+        let err = run(&["--prometheus-url", "https://prometheus:9090"]).unwrap_err();
+        assert!(
+            err.to_string().contains("only http:// is supported"),
+            "{err}"
+        );
     }
 }
