@@ -349,19 +349,8 @@ impl Driver {
             Err(err) => {
                 let reason = format!("{err:#}");
                 warn!(release = %key_of(object), reason, "promotion failed; tried again later");
-                RolloutStatus {
-                    message: format!(
-                        "succeeded at {}%; promotion pending: {reason}",
-                        succeeded.percent
-                    ),
-                    next_analysis_at: Some(
-                        now.checked_add(
-                            jiff::SignedDuration::try_from(rollout.interval).unwrap_or_default(),
-                        )
-                        .unwrap_or(now),
-                    ),
-                    ..succeeded.clone()
-                }
+                // Still succeeded, at its last step; `nextAnalysisAt` is the next attempt.
+                succeeded.blocked(rollout, &format!("promotion pending: {reason}"), now)
             }
         }
     }
