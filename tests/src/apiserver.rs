@@ -52,6 +52,8 @@ pub struct State {
     patches: Vec<(String, Value)>,
     /// When set, every request fails with 500 and open watches end.
     outage: bool,
+    /// When set, Service patches are forbidden (as RBAC without `patch` on Services would).
+    pub forbid_service_patches: bool,
 }
 
 /// A little API server: what the test puts in, the watchers get, in the API's wire format.
@@ -358,6 +360,9 @@ impl ApiServer {
         if parts.len() != 7 || parts[5] != "services" {
             return status(StatusCode::NOT_FOUND, path);
         }
+        if self.state.lock().unwrap().forbid_service_patches {
+            return status(StatusCode::FORBIDDEN, "services is forbidden: cannot patch");
+        }
         let patch: Value = serde_json::from_slice(body).unwrap();
         self.merge_patch(
             SERVICES,
@@ -458,6 +463,7 @@ fn status(code: StatusCode, message: &str) -> Response<BoxBody<Bytes, Infallible
     let reason = match code {
         StatusCode::NOT_FOUND => "NotFound",
         StatusCode::CONFLICT => "Conflict",
+        StatusCode::FORBIDDEN => "Forbidden",
         _ => "InternalError",
     };
     json_reply(

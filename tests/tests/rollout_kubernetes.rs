@@ -18,10 +18,10 @@ use std::{
 
 use serde_json::{Value, json};
 use steer::{
-    config::Config,
+    config::{Config, Release},
     kubernetes::{self, KubernetesOptions, prometheus::Prometheus},
     metrics::Metrics,
-    rollout::driver::Rollouts,
+    rollout::{Phase, RolloutStatus, driver::Rollouts},
 };
 use steer_tests::{
     Node, Process,
@@ -199,14 +199,14 @@ fn server(scenario: &Scenario) -> Arc<ApiServer> {
 }
 
 /// The release's CanaryRelease as the API server holds it.
-fn release(server: &ApiServer) -> Value {
+fn release_object(server: &ApiServer) -> Value {
     server
         .object("CanaryRelease", Cluster::NAMESPACE, RELEASE)
         .unwrap()
 }
 
 fn rollout(server: &ApiServer) -> Value {
-    release(server)["status"]["rollout"].clone()
+    release_object(server)["status"]["rollout"].clone()
 }
 
 /// The release's percent in the configuration the agent has in force; `None` when the rules
@@ -390,7 +390,7 @@ fn a_rollout_walks_its_steps_across_a_leader_change_and_is_promoted() {
     assert_eq!(android.path(), "order/v1 -> restaurant/v2");
     assert_eq!(android.release, None);
     let verdict = wait_for("the Promoted verdict", Duration::from_secs(10), || {
-        let status = release(&server)["status"].clone();
+        let status = release_object(&server)["status"].clone();
         (status["conditions"][0]["reason"] == "Promoted").then_some(status)
     });
     assert_eq!(verdict["state"], "Accepted", "{verdict}");
@@ -437,11 +437,11 @@ fn a_failing_canary_rolls_back_and_resumes_on_its_annotation() {
     );
 
     // A person resumes it: the first step again, and the value is noted.
-    let mut object = release(&server);
+    let mut object = release_object(&server);
     object["metadata"]["annotations"] = json!({"steer.dev/rollout-resume": "fixed-500s"});
     server.put(object);
     let resumed = wait_for("the resume", Duration::from_secs(10), || {
-        let status = release(&server)["status"].clone();
+        let status = release_object(&server)["status"].clone();
         (status["rolloutResume"] == "fixed-500s").then_some(status)
     });
     let rollout = &resumed["rollout"];
@@ -515,4 +515,110 @@ async fn without_figures_a_rollout_holds_its_step_and_says_why() {
         );
         task.abort();
     }
+}
+
+/// A rollout that succeeded is promoted by the status writer alone (no figures needed): it
+/// switches the Service's primary version, then marks the rollout Promoted. A promotion the API
+/// server refuses leaves the rollout succeeded, saying why, and is tried again.
+#[tokio::test]
+async fn a_succeeded_rollout_is_promoted_and_a_refused_promotion_is_tried_again() {
+    let text = fixture("[50, 100]").replace("interval: 3s", "interval: 1s");
+    let config = Config::from_yaml(&text, "fixture").unwrap();
+    // The release as the translation names it: its status is about these targets.
+    let release = Release {
+        name: format!("{}/{RELEASE}", Cluster::NAMESPACE),
+        targets: [("restaurant.demo".to_string(), "v2".to_string())].into(),
+        ..config.releases[0].clone()
+    };
+    let spec = release.rollout.clone().unwrap();
+    let succeeded = RolloutStatus {
+        phase: Phase::Succeeded,
+        step: 1,
+        percent: 100.0,
+        next_analysis_at: None,
+        ..steer::rollout::begin(&release, &spec, jiff::Timestamp::now())
+    };
+    let mut objects = objects_from_config(&config, Cluster::NAMESPACE);
+    for object in &mut objects {
+        if object["kind"] == "CanaryRelease" {
+            object["status"] = json!({"rollout": succeeded});
+        }
+    }
+    let server = ApiServer::start(objects).await;
+    server.state.lock().unwrap().forbid_service_patches = true;
+    let (_trigger, drain) = steer::drain::channel();
+    let options = KubernetesOptions {
+        version_label: "version".into(),
+        identity: "node-1".into(),
+        lease_namespace: "steer-system".into(),
+        cgroup_root: None,
+        prometheus: None,
+    };
+    let task = tokio::spawn(kubernetes::run(
+        server.client(),
+        options,
+        Box::new(|_| Ok(())),
+        Box::new(|_| {}),
+        Arc::new(Rollouts::kept_in_cluster()),
+        Arc::new(Metrics::default()),
+        drain,
+    ));
+    let primary = || {
+        server
+            .object("Service", Cluster::NAMESPACE, "restaurant")
+            .unwrap()["metadata"]["annotations"]["steer.dev/primary-version"]
+            .clone()
+    };
+    let started = Instant::now();
+    let pending = loop {
+        let rollout = rollout(&server);
+        if rollout["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("promotion pending"))
+        {
+            break rollout;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{rollout}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(pending["phase"], "Succeeded", "{pending}");
+    assert_eq!(pending["percent"], 100.0, "{pending}");
+    assert!(
+        pending["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot make v2 the primary version of Service demo/restaurant"),
+        "{pending}"
+    );
+    assert!(
+        pending["nextAnalysisAt"].is_string(),
+        "the next attempt: {pending}"
+    );
+    assert_eq!(primary(), "v1");
+
+    // Allowed (RBAC fixed): the next attempt promotes.
+    server.state.lock().unwrap().forbid_service_patches = false;
+    let promoted = loop {
+        let rollout = rollout(&server);
+        if rollout["phase"] == "Promoted" {
+            break rollout;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "{rollout}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(primary(), "v2");
+    assert_eq!(promoted["percent"], 0.0, "{promoted}");
+    assert!(promoted.get("nextAnalysisAt").is_none(), "{promoted}");
+    // The release stays, accepted as promoted, out of the rules.
+    let started = Instant::now();
+    loop {
+        let status = release_object(&server)["status"].clone();
+        if status["conditions"][0]["reason"] == "Promoted" {
+            assert_eq!(status["state"], "Accepted", "{status}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task.abort();
 }
