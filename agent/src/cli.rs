@@ -66,6 +66,11 @@ enum Command {
         /// IP (port 15000), as the downward API gives a node's IP.
         #[arg(long, default_value_t = crate::admin::default_address(), value_parser = admin_address)]
         admin: std::net::SocketAddr,
+        /// A listener for /metrics, /healthz and /readyz only (IP:PORT, or a bare IP: port
+        /// 15090): where a cluster's Prometheus scrapes the agent and the kubelet probes it,
+        /// while the admin server (which shows the rules) stays on loopback.
+        #[arg(long, value_parser = metrics_address)]
+        metrics: Option<std::net::SocketAddr>,
         /// The north-south entry: incoming stamps are removed, the rules decide (IP:PORT, or
         /// a bare IP: port 15080).
         #[arg(long, value_parser = crate::run::gateway_address)]
@@ -177,6 +182,10 @@ fn admin_address(text: &str) -> Result<std::net::SocketAddr, String> {
     crate::run::address_or_ip(text, crate::admin::default_address().port())
 }
 
+fn metrics_address(text: &str) -> Result<std::net::SocketAddr, String> {
+    crate::run::address_or_ip(text, crate::run::DEFAULT_METRICS_PORT)
+}
+
 fn parse_prometheus_url(url: &str) -> Result<crate::kubernetes::prometheus::Prometheus, String> {
     crate::kubernetes::prometheus::Prometheus::new(url).map_err(|err| format!("{err:#}"))
 }
@@ -202,6 +211,7 @@ impl Cli {
                 prometheus_url,
                 listen,
                 admin,
+                metrics,
                 gateway,
                 cgroup,
                 no_ebpf,
@@ -225,6 +235,7 @@ impl Cli {
                 },
                 listen,
                 admin,
+                metrics,
                 gateway,
                 cgroup,
                 no_ebpf,
@@ -679,6 +690,8 @@ mod tests {
         };
         let cli = run(&[
             "--admin",
+            "127.0.0.1:15000",
+            "--metrics",
             "10.0.0.5",
             "--prometheus-url",
             "http://steer-prometheus.steer-system.svc:9090",
@@ -686,13 +699,15 @@ mod tests {
         .unwrap();
         let Command::Run {
             admin,
+            metrics,
             prometheus_url,
             ..
         } = cli.command
         else {
             panic!("not run: {cli:?}")
         };
-        assert_eq!(admin, "10.0.0.5:15000".parse().unwrap());
+        assert_eq!(admin, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(metrics, Some("10.0.0.5:15090".parse().unwrap()));
         assert!(prometheus_url.is_some());
         let err = run(&["--prometheus-url", "https://prometheus:9090"]).unwrap_err();
         assert!(

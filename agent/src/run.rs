@@ -50,6 +50,8 @@ pub struct RunOptions {
     pub source: Source,
     pub listen: ListenAddresses,
     pub admin: SocketAddr,
+    /// The metrics-and-probes listener, if any.
+    pub metrics: Option<SocketAddr>,
     pub gateway: Option<SocketAddr>,
     /// Where to attach the programs; `None`: the cgroup v2 root.
     pub cgroup: Option<PathBuf>,
@@ -106,6 +108,7 @@ pub struct ListenAddresses {
 /// The ports of addresses given without one.
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 pub const DEFAULT_GATEWAY_PORT: u16 = 15080;
+pub const DEFAULT_METRICS_PORT: u16 = 15090;
 
 /// `IP:PORT`, `[IPv6]:PORT`, or a bare IP with `default_port`: the downward API gives a
 /// node's IPs without ports, and an IPv6 one cannot simply be followed by `:PORT`.
@@ -415,6 +418,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .all()
         .chain(options.gateway)
         .chain([options.admin])
+        .chain(options.metrics)
         .collect();
     // The file must be valid to start; the cluster's objects arrive once the agent runs.
     let (snapshot, kubernetes, rollouts) = match &options.source {
@@ -460,6 +464,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
     }
     let admin_listener = bind(options.admin, "--admin").await?;
+    let metrics_listener = match options.metrics {
+        Some(address) => Some(bind(address, "--metrics").await?),
+        None => None,
+    };
 
     let mut datapath = if options.no_ebpf {
         None
@@ -519,6 +527,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
     });
     tokio::spawn(admin::serve(admin.clone(), admin_listener));
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(admin::serve_metrics(admin.clone(), listener));
+    }
 
     let (trigger, drain) = drain::channel();
     let shared = Arc::new(Shared {

@@ -27,7 +27,7 @@ use steer_tests::{
     Node, Process,
     apiserver::{ApiServer, objects_from_config},
     http,
-    scenario::{ADMIN_PORT, Cluster, Scenario},
+    scenario::{Cluster, Scenario},
 };
 
 /// Debian's package (`cargo xtask setup` installs it).
@@ -181,6 +181,9 @@ fn wait_for<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>
     }
 }
 
+/// Where the agent's metrics listener is (`--metrics` with a bare IP).
+const METRICS_PORT: u16 = 15090;
+
 /// The fixture on a bed whose agent reads Prometheus; `canary_args` for restaurant v2's
 /// demo service (`--fail-every N`).
 fn deploy(
@@ -189,7 +192,14 @@ fn deploy(
     prometheus: &PrometheusServer,
     node: Node,
 ) -> Scenario {
-    let args = vec!["--prometheus-url".to_string(), prometheus.url.clone()];
+    // As the DaemonSet runs it: Prometheus scrapes the metrics listener on the node's
+    // address; the admin server stays where the test bed puts it.
+    let args = vec![
+        "--prometheus-url".to_string(),
+        prometheus.url.clone(),
+        "--metrics".to_string(),
+        node.address.to_string(),
+    ];
     let versions: &[(&str, &str, &[&str])] = &[("restaurant", "v2", canary_args)];
     Scenario::deploy_kubernetes_text(&fixture(steps), CHAIN, versions, args, node).unwrap()
 }
@@ -294,8 +304,22 @@ fn take_over(server: &Arc<ApiServer>, prometheus: &PrometheusServer) -> OtherAge
 #[test]
 fn a_rollout_walks_its_steps_across_a_leader_change_and_is_promoted() {
     let node = Node::new().unwrap();
-    let prometheus = PrometheusServer::start(SocketAddr::from((node.address, ADMIN_PORT)));
+    let prometheus = PrometheusServer::start(SocketAddr::from((node.address, METRICS_PORT)));
     let scenario = deploy("[20, 50, 100]", &[], &prometheus, node);
+    // The metrics listener answers what Prometheus and the kubelet ask, and nothing else.
+    let metrics = SocketAddr::from((scenario.node.address, METRICS_PORT));
+    for (path, status) in [
+        ("/metrics", 200),
+        ("/readyz", 200),
+        ("/config", 404),
+        ("/", 404),
+    ] {
+        assert_eq!(
+            http::get(metrics, path, &[]).unwrap().status,
+            status,
+            "{path}"
+        );
+    }
     let server = server(&scenario);
     let traffic = Traffic::start(&scenario);
 
@@ -399,7 +423,7 @@ fn a_rollout_walks_its_steps_across_a_leader_change_and_is_promoted() {
 #[test]
 fn a_failing_canary_rolls_back_and_resumes_on_its_annotation() {
     let node = Node::new().unwrap();
-    let prometheus = PrometheusServer::start(SocketAddr::from((node.address, ADMIN_PORT)));
+    let prometheus = PrometheusServer::start(SocketAddr::from((node.address, METRICS_PORT)));
     // Restaurant v2 answers every other request with a 500.
     let scenario = deploy("[50, 100]", &["--fail-every", "2"], &prometheus, node);
     let server = server(&scenario);

@@ -73,17 +73,37 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
             }
         });
     }
+    accept(listener, move |request| route(&admin, &live, request)).await
+}
+
+/// Serves only what a cluster's Prometheus and the kubelet need (`/metrics`, `/healthz`,
+/// `/readyz`), so that listener can be on the node's address while the admin server, which
+/// shows the rules and answers explain, stays on loopback.
+pub async fn serve_metrics(admin: Arc<Admin>, listener: TcpListener) {
+    accept(listener, move |request| {
+        let path = request.uri().path();
+        probe_or_metrics(&admin, path).unwrap_or_else(|| {
+            let reason = "this listener serves /metrics, /healthz and /readyz\n";
+            reply(StatusCode::NOT_FOUND, TEXT, reason.into())
+        })
+    })
+    .await
+}
+
+/// Serves each connection of `listener` with `handle`.
+async fn accept(
+    listener: TcpListener,
+    handle: impl Fn(Request<Incoming>) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let admin = admin.clone();
-        let live = live.clone();
+        let handle = handle.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let admin = admin.clone();
-                let live = live.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(&admin, &live, request)) }
+                let response = handle(request);
+                async move { Ok::<_, std::convert::Infallible>(response) }
             });
             if let Err(err) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -93,6 +113,27 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
             }
         });
     }
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// Health, readiness and metrics: what both listeners answer.
+fn probe_or_metrics(admin: &Admin, path: &str) -> Option<Response<Full<Bytes>>> {
+    Some(match path {
+        "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
+        "/readyz"
+            if admin.ready.load(Ordering::Relaxed) && admin.synced.load(Ordering::Relaxed) =>
+        {
+            reply(StatusCode::OK, TEXT, "ready\n".into())
+        }
+        "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n".into()),
+        "/metrics" => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            admin.metrics.encode(),
+        ),
+        _ => return None,
+    })
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -167,8 +208,10 @@ fn header_pairs(pairs: &[(String, String)]) -> Result<HeaderPairs, String> {
 }
 
 fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    const TEXT: &str = "text/plain; charset=utf-8";
     const JSON: &str = "application/json";
+    if let Some(response) = probe_or_metrics(admin, request.uri().path()) {
+        return response;
+    }
     let resume = (request.uri().path().strip_prefix("/rollouts/"))
         .and_then(|rest| rest.strip_suffix("/resume"));
     if let Some(name) = resume {
@@ -214,18 +257,6 @@ fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Ful
                 serde_json::to_string_pretty(&admin.rollouts.views()).expect("rollouts serialise");
             reply(StatusCode::OK, JSON, body)
         }
-        "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
-        "/readyz"
-            if admin.ready.load(Ordering::Relaxed) && admin.synced.load(Ordering::Relaxed) =>
-        {
-            reply(StatusCode::OK, TEXT, "ready\n".into())
-        }
-        "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n".into()),
-        "/metrics" => reply(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            admin.metrics.encode(),
-        ),
         "/config" => {
             let snapshot = admin.state.load();
             let body = serde_json::to_string_pretty(&snapshot.config).expect("config serialises");
