@@ -483,6 +483,31 @@ fn a_failing_canary_rolls_back_and_resumes_on_its_annotation() {
 
 /// Without Prometheus, or with one that does not answer, a rollout holds its step and its
 /// status says why (the source alone, against the API server: no traffic needed).
+/// The Kubernetes source of an agent alone (it becomes the status writer), applying nothing:
+/// what the status writer does, without a node.
+fn source_alone(
+    server: &ApiServer,
+    prometheus: Option<Prometheus>,
+    drain: steer::drain::Drain,
+) -> tokio::task::JoinHandle<()> {
+    let options = KubernetesOptions {
+        version_label: "version".into(),
+        identity: "node-1".into(),
+        lease_namespace: "steer-system".into(),
+        cgroup_root: None,
+        prometheus,
+    };
+    tokio::spawn(kubernetes::run(
+        server.client(),
+        options,
+        Box::new(|_| Ok(())),
+        Box::new(|_| {}),
+        Arc::new(Rollouts::kept_in_cluster()),
+        Arc::new(Metrics::default()),
+        drain,
+    ))
+}
+
 #[tokio::test]
 async fn without_figures_a_rollout_holds_its_step_and_says_why() {
     for (prometheus, reason) in [
@@ -497,22 +522,7 @@ async fn without_figures_a_rollout_holds_its_step_and_says_why() {
         let config = Config::from_yaml(&text, "fixture").unwrap();
         let server = ApiServer::start(objects_from_config(&config, "demo")).await;
         let (_trigger, drain) = steer::drain::channel();
-        let options = KubernetesOptions {
-            version_label: "version".into(),
-            identity: "node-1".into(),
-            lease_namespace: "steer-system".into(),
-            cgroup_root: None,
-            prometheus,
-        };
-        let task = tokio::spawn(kubernetes::run(
-            server.client(),
-            options,
-            Box::new(|_| Ok(())),
-            Box::new(|_| {}),
-            Arc::new(Rollouts::kept_in_cluster()),
-            Arc::new(Metrics::default()),
-            drain,
-        ));
+        let task = source_alone(&server, prometheus, drain);
         let started = Instant::now();
         let held = loop {
             let rollout = rollout(&server);
@@ -571,22 +581,7 @@ async fn a_succeeded_rollout_is_promoted_and_a_refused_promotion_is_tried_again(
     let server = ApiServer::start(objects).await;
     server.state.lock().unwrap().forbid_service_patches = true;
     let (_trigger, drain) = steer::drain::channel();
-    let options = KubernetesOptions {
-        version_label: "version".into(),
-        identity: "node-1".into(),
-        lease_namespace: "steer-system".into(),
-        cgroup_root: None,
-        prometheus: None,
-    };
-    let task = tokio::spawn(kubernetes::run(
-        server.client(),
-        options,
-        Box::new(|_| Ok(())),
-        Box::new(|_| {}),
-        Arc::new(Rollouts::kept_in_cluster()),
-        Arc::new(Metrics::default()),
-        drain,
-    ));
+    let task = source_alone(&server, None, drain);
     let primary = || {
         server
             .object("Service", Cluster::NAMESPACE, "restaurant")
