@@ -42,6 +42,23 @@ fn clock(config: &mut Config, release: &str, steps: &[f64], interval_ms: u64, mi
     rollout.analysis.min_requests = min;
 }
 
+/// Leaves out `release`'s latency bound: with a few dozen requests per interval on a shared
+/// two-core machine, one request delayed by the scheduler is the p99. The slow-canary test
+/// keeps it (its canary is many times slower).
+fn no_latency_bound(config: &mut Config, release: &str) {
+    let release = config
+        .releases
+        .iter_mut()
+        .find(|r| r.name == release)
+        .unwrap();
+    release
+        .rollout
+        .as_mut()
+        .unwrap()
+        .analysis
+        .max_latency_p99_ratio = None;
+}
+
 fn deploy(config: &Config, faults: &[(&str, &str, &[&str])]) -> Scenario {
     let text = serde_yaml_ng::to_string(config).unwrap();
     Scenario::deploy_text(&text, FOOD_CHAIN, faults, Node::new().unwrap()).unwrap()
@@ -161,6 +178,7 @@ fn a_healthy_canary_walks_every_step_with_growing_sticky_shares_and_is_promoted(
     let config = example(|config| {
         config.releases.retain(|r| r.name == "android");
         clock(config, "android", &steps, 6000, 10);
+        no_latency_bound(config, "android");
     });
     let scenario = deploy(&config, &[]);
     let users = users("a", 2000);
@@ -257,6 +275,7 @@ fn a_canary_answering_500_to_5_percent_is_rolled_back_at_the_first_analysis_and_
     let config = example(|config| {
         config.releases.retain(|r| r.name == "android");
         clock(config, "android", &[20.0, 50.0, 100.0], 3000, 20);
+        no_latency_bound(config, "android");
     });
     let scenario = deploy(&config, &[("restaurant", "v2", &["--fail-every", "20"])]);
     let android = users("a", 500);
@@ -358,6 +377,8 @@ fn two_releases_roll_out_at_once_on_one_chain_one_fails_the_other_goes_on() {
     let config = example(|config| {
         clock(config, "android", &[10.0, 50.0, 100.0], 3000, 10);
         clock(config, "atlantis", &[10.0, 50.0, 100.0], 3000, 10);
+        no_latency_bound(config, "android");
+        no_latency_bound(config, "atlantis");
     });
     let scenario = deploy(&config, &[("delivery", "v2", &["--fail-every", "10"])]);
     let android = users("a", 300);
