@@ -1,11 +1,19 @@
 //! Prometheus metrics. Labels are bounded by the configuration (service, version and release
 //! names, a status class): never a raw tag value or a client address.
 
-use std::{cell::OnceCell, collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    cell::OnceCell,
+    collections::HashMap,
+    sync::{Mutex, atomic::AtomicU64},
+    time::Duration,
+};
 
 use http::StatusCode;
 
-use crate::state::{Route, Snapshot};
+use crate::{
+    rollout::Phase,
+    state::{Route, Snapshot},
+};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -49,7 +57,31 @@ pub struct Metrics {
     redirected: Counter,
     not_redirected: Counter,
     releases_in_force: Gauge,
+    rollout_percent: Family<ReleaseLabels, Gauge<f64, AtomicU64>>,
+    rollout_phase: Family<PhaseLabels, Gauge>,
+    /// The releases with rollout series, so those of rollouts that are gone can be dropped.
+    rollout_series: Mutex<Vec<String>>,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReleaseLabels {
+    pub release: String,
+}
+
+/// A rollout's phase: 1 for the one it is in, 0 for the others.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub release: String,
+    pub phase: &'static str,
+}
+
+/// Every phase a rollout can be in, as its label.
+const PHASES: [(Phase, &str); 4] = [
+    (Phase::Progressing, "Progressing"),
+    (Phase::Succeeded, "Succeeded"),
+    (Phase::Promoted, "Promoted"),
+    (Phase::RolledBack, "RolledBack"),
+];
 
 /// A request from one version to another under a release: the live page's edges.
 /// `from_service` and `from_version` are empty for a caller outside the mesh (the gateway, or
@@ -215,6 +247,19 @@ impl Default for Metrics {
             "Canary releases of the configuration in force",
             releases_in_force.clone(),
         );
+        let rollout_percent = Family::<ReleaseLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "rollout_percent",
+            "The share of its matching users a rolling release takes now (0: rolled back or \
+             promoted)",
+            rollout_percent.clone(),
+        );
+        let rollout_phase = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "rollout_phase",
+            "1 for the phase each rollout is in (Progressing, Succeeded, Promoted, RolledBack)",
+            rollout_phase.clone(),
+        );
         // Series that exist from the start at 0, so that a rate over them is 0 rather than
         // absent (and dashboards find them before the first event).
         for result in ["applied", "rejected"] {
@@ -244,6 +289,9 @@ impl Default for Metrics {
             redirected,
             not_redirected,
             releases_in_force,
+            rollout_percent,
+            rollout_phase,
+            rollout_series: Mutex::default(),
             edges,
             edge_series: Mutex::default(),
             decisions,
@@ -473,6 +521,47 @@ impl Metrics {
         }
     }
 
+    /// Where each rollout stands: (release, phase, percent). Series of rollouts no longer
+    /// listed are dropped.
+    pub fn rollouts(&self, rollouts: &[(&str, Phase, f64)]) {
+        let mut known = self
+            .rollout_series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for gone in known
+            .iter()
+            .filter(|k| !rollouts.iter().any(|(r, ..)| r == k))
+        {
+            let release = gone.clone();
+            self.rollout_percent.remove(&ReleaseLabels {
+                release: release.clone(),
+            });
+            for (_, phase) in PHASES {
+                self.rollout_phase.remove(&PhaseLabels {
+                    release: release.clone(),
+                    phase,
+                });
+            }
+        }
+        for &(release, in_phase, percent) in rollouts {
+            let release = release.to_string();
+            (self.rollout_percent)
+                .get_or_create(&ReleaseLabels {
+                    release: release.clone(),
+                })
+                .set(percent);
+            for (phase, label) in PHASES {
+                (self.rollout_phase)
+                    .get_or_create(&PhaseLabels {
+                        release: release.clone(),
+                        phase: label,
+                    })
+                    .set(i64::from(phase == in_phase));
+            }
+        }
+        *known = rollouts.iter().map(|(r, ..)| r.to_string()).collect();
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -543,6 +632,27 @@ mod tests {
 
     fn snapshot(config: Config) -> Snapshot {
         Snapshot::build(config).unwrap().0
+    }
+
+    #[test]
+    fn rollouts_show_their_percent_and_phase_and_vanish_with_the_rollout() {
+        let metrics = Metrics::default();
+        metrics.rollouts(&[
+            ("android", Phase::Progressing, 5.0),
+            ("atlantis", Phase::RolledBack, 0.0),
+        ]);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"steer_rollout_percent{release="android"} 5.0"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"steer_rollout_phase{release="atlantis",phase="RolledBack"} 1"#));
+        assert!(text.contains(r#"steer_rollout_phase{release="atlantis",phase="Progressing"} 0"#));
+        metrics.rollouts(&[("android", Phase::Succeeded, 100.0)]);
+        let text = metrics.encode();
+        assert!(!text.contains("atlantis"), "{text}");
+        assert!(text.contains(r#"steer_rollout_phase{release="android",phase="Succeeded"} 1"#));
+        assert!(text.contains(r#"steer_rollout_phase{release="android",phase="Progressing"} 0"#));
     }
 
     #[test]

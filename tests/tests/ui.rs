@@ -306,6 +306,8 @@ fn every_metric_the_grafana_board_queries_is_exported() {
         "steer_kubernetes_releases",
         "steer_datapath_attached",
         "steer_redirected_connections_total",
+        "steer_rollout_percent",
+        "steer_rollout_phase",
     ] {
         assert!(queried.contains(wanted), "the board does not show {wanted}");
     }
@@ -321,8 +323,23 @@ fn every_metric_the_grafana_board_queries_is_exported() {
     )
     .unwrap();
     let cluster_scrape = http::get(cluster.admin, "/metrics", &[]).unwrap().body;
+    // The rollouts' metrics come from an agent with rollouts (set by the page's sampler,
+    // once a second).
+    let rolling = Scenario::deploy(
+        &fixture("rollout.yaml"),
+        &[("order", &["restaurant"]), ("restaurant", &["delivery"])],
+        Node::new().unwrap(),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let rolling_scrape = http::get(rolling.admin, "/metrics", &[]).unwrap().body;
+    assert!(
+        rolling_scrape.contains(r#"steer_rollout_percent{release="android"} 1.0"#),
+        "{rolling_scrape}"
+    );
     let mut exported = exported(&scrape);
     exported.extend(self::exported(&cluster_scrape));
+    exported.extend(self::exported(&rolling_scrape));
     let missing: Vec<&String> = queried.iter().filter(|n| !exported.contains(*n)).collect();
     assert!(
         missing.is_empty(),

@@ -69,6 +69,11 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
                 ticks.tick().await;
                 let snapshot = admin.state.load();
                 (admin.metrics).releases_in_force(snapshot.rules.releases().len());
+                let rollouts = admin.rollouts.views();
+                let rollouts: Vec<_> = (rollouts.iter())
+                    .map(|r| (r.release.as_str(), r.status.phase, r.status.percent))
+                    .collect();
+                admin.metrics.rollouts(&rollouts);
                 live.sample(&admin.metrics, &snapshot);
             }
         });
