@@ -323,14 +323,20 @@ mod oracle {
     /// Every combination of `VALUES` over `headers`, times the users (and none) when shares
     /// are in play.
     fn universe(headers: &[&str], shares: bool) -> Vec<HeaderPairs> {
+        requests(headers, shares.then_some(0..USERS))
+    }
+
+    /// Every combination of `VALUES` over `headers`, times `users` (and none).
+    fn requests(headers: &[&str], users: Option<std::ops::Range<usize>>) -> Vec<HeaderPairs> {
         let mut requests = vec![Vec::new()];
-        let users: Vec<Option<String>> = if shares {
-            std::iter::once(None)
-                .chain((0..USERS).map(|u| Some(format!("user-{u}"))))
-                .collect()
-        } else {
-            vec![None]
-        };
+        let users: Vec<Option<String>> = std::iter::once(None)
+            .chain(
+                users
+                    .into_iter()
+                    .flatten()
+                    .map(|u| Some(format!("user-{u}"))),
+            )
+            .collect();
         let dimensions = headers
             .iter()
             .map(|h| {
@@ -359,7 +365,8 @@ mod oracle {
 
     /// The report of the checker, its streamed pairs, against what every request of the
     /// universe does.
-    fn agrees(releases: Vec<Release>, universe: &[HeaderPairs]) -> Result<(), TestCaseError> {
+    fn agrees(releases: Vec<Release>, headers: &[&str], shares: bool) -> Result<(), TestCaseError> {
+        let universe = &universe(headers, shares);
         let config = Config {
             releases,
             ..Config::default()
@@ -462,6 +469,19 @@ mod oracle {
         let mut got_shadowed: Vec<usize> =
             report.shadowed.iter().map(|s| rank(&s.release)).collect();
         got_shadowed.sort();
+        // A few dozen users can happen to fall inside higher-priority shares every one: a
+        // release the checker does not call shadowed is borne out by a user, among many more,
+        // whose request it takes.
+        let reached = |r: usize| {
+            shares
+                && requests(headers, Some(USERS..USERS * 50))
+                    .iter()
+                    .any(|tags| rules.decide(tags).map(|w| rank(&w.name)) == Some(r))
+        };
+        let want_shadowed: Vec<usize> = want_shadowed
+            .into_iter()
+            .filter(|r| got_shadowed.contains(r) || !reached(*r))
+            .collect();
         prop_assert_eq!(got_shadowed, want_shadowed);
         for shadow in &report.shadowed {
             prop_assert!(!shadow.approximate);
@@ -487,12 +507,12 @@ mod oracle {
         #![proptest_config(ProptestConfig::with_cases(200))]
         #[test]
         fn verdicts_agree_with_brute_force(releases in releases(THREE, false)) {
-            agrees(releases, &universe(THREE, false))?;
+            agrees(releases, THREE, false)?;
         }
 
         #[test]
         fn verdicts_with_shares_agree_with_brute_force(releases in releases(TWO, true)) {
-            agrees(releases, &universe(TWO, true))?;
+            agrees(releases, TWO, true)?;
         }
     }
 }
