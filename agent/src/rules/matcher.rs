@@ -202,13 +202,10 @@ pub struct Condition {
 }
 
 impl Condition {
-    /// Any value of a repeated header may satisfy it; an absent header never does.
+    /// An absent header never satisfies it (a repeated one is one value: `Tags`).
     pub fn holds<T: Tags + ?Sized>(&self, tags: &T) -> bool {
-        let mut held = false;
-        tags.for_each_value(&self.header, &mut |value| {
-            held = held || self.test.holds(value);
-        });
-        held
+        tags.value(&self.header)
+            .is_some_and(|value| self.test.holds(&value))
     }
 }
 
@@ -304,15 +301,12 @@ impl Matchers {
     }
 
     /// Does the release named `release` take this request? Every condition holds and, for a
-    /// share, some value of the hash header names a user inside it.
+    /// share, the hash header names a user inside it.
     pub fn matches<T: Tags + ?Sized>(&self, release: &str, tags: &T) -> bool {
         self.conditions.iter().all(|c| c.holds(tags))
             && self.share.as_ref().is_none_or(|share| {
-                let mut inside = false;
-                tags.for_each_value(&share.hash_by, &mut |user| {
-                    inside = inside || share.admits(release, user);
-                });
-                inside
+                tags.value(&share.hash_by)
+                    .is_some_and(|user| share.admits(release, &user))
             })
     }
 }

@@ -308,7 +308,7 @@ impl Ruleset {
                 }
             }
         };
-        tags.for_each_pair(&mut |name, value| {
+        tags.for_each_tag(&mut |name, value| {
             let Some(index) = self.index.get(name) else {
                 return;
             };

@@ -106,11 +106,31 @@ fn prefix_and_whole_value_regex() {
 }
 
 #[test]
-fn any_value_of_a_repeated_header_can_satisfy_a_matcher() {
-    let rules = ruleset(vec![release("a", 1, vec![exact("x-group", "beta")])]);
+fn a_repeated_header_is_one_value_so_it_cannot_match_releases_the_checker_calls_disjoint() {
+    // `a` and `b` are disjoint (one x-group value cannot be both) and of equal priority: the
+    // checker accepts them. Sending the header twice must not make a request match both.
+    let config = Config {
+        releases: vec![
+            release("a", 1, vec![exact("x-group", "alpha")]),
+            release("b", 1, vec![exact("x-group", "beta")]),
+        ],
+        ..Config::default()
+    };
+    let report = crate::check::check(&config);
+    assert!(
+        report.errors.iter().all(|e| !e.code.contains("ambiguous")),
+        "{report:?}"
+    );
+    let rules = Ruleset::compile(&config).unwrap();
     assert_eq!(
         decide(&rules, &[("x-group", "alpha"), ("x-group", "beta")]),
-        Some("a")
+        None
+    );
+    // Read as Envoy reads it: the values joined by commas.
+    let joined = ruleset(vec![release("c", 1, vec![exact("x-group", "alpha,beta")])]);
+    assert_eq!(
+        decide(&joined, &[("x-group", "alpha"), ("x-group", "beta")]),
+        Some("c")
     );
 }
 
@@ -337,29 +357,29 @@ fn a_regex_set_past_its_limit_falls_back_to_single_regexes() {
 /// Straight from the definition, on the uncompiled releases: the matching release with the
 /// smallest (priority, name).
 fn oracle_decide(releases: &[Release], request: &[(String, String)]) -> Option<String> {
-    fn values<'a>(
-        request: &'a [(String, String)],
-        header: &'a str,
-    ) -> impl Iterator<Item = &'a str> + 'a {
-        request
+    // A header sent more than once is one value: its values joined by commas.
+    let value = |header: &str| {
+        let values: Vec<&str> = request
             .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(header))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(header))
             .map(|(_, v)| v.as_str())
-    }
+            .collect();
+        (!values.is_empty()).then(|| values.join(","))
+    };
     let holds = |m: &Matcher| {
-        values(request, &m.header).any(|v| match (&m.exact, &m.prefix, &m.regex) {
-            (Some(e), _, _) => v == e,
+        value(&m.header).is_some_and(|v| match (&m.exact, &m.prefix, &m.regex) {
+            (Some(e), _, _) => &v == e,
             (_, Some(p), _) => v.starts_with(p.as_str()),
             (_, _, Some(r)) => regex::Regex::new(r)
                 .unwrap()
-                .find(v)
+                .find(&v)
                 .is_some_and(|found| found.start() == 0 && found.end() == v.len()),
             _ => false,
         })
     };
     let in_share = |r: &Release| match (&r.percent, &r.hash_by) {
-        (Some(p), Some(h)) => values(request, h)
-            .any(|user| (sticky_hash(&r.name, user) as f64) < p / 100.0 * u64::MAX as f64),
+        (Some(p), Some(h)) => value(h)
+            .is_some_and(|user| (sticky_hash(&r.name, &user) as f64) < p / 100.0 * u64::MAX as f64),
         _ => true,
     };
     releases
