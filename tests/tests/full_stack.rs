@@ -80,6 +80,18 @@ fn seed_section_5_every_tag_combination_takes_its_path() {
             "{tags:?}"
         );
     }
+    // A tag header sent twice is one value (`android,iphone`, as Envoy reads it): no release
+    // takes it, whatever each value alone would match.
+    let hop = scenario
+        .request("order", &[ANDROID, IPHONE, ATLANTIS])
+        .unwrap();
+    assert_eq!(
+        path_and_release(&hop),
+        (
+            "order/v1 -> restaurant/v1 -> delivery/v2-green".to_string(),
+            Some("green".to_string())
+        )
+    );
 }
 
 #[test]
