@@ -8,7 +8,7 @@
 //! ASCII, the values a header can carry). When that search exceeds its budget the answer is
 //! marked approximate.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 
 use regex_automata::{
     Anchored, MatchKind,
@@ -253,32 +253,41 @@ impl Cond {
         else {
             return (Witness::Unknown, 0);
         };
-        let start = (start, 0);
-        let mut seen: HashSet<(Vec<StateID>, u32)> = HashSet::from([start.clone()]);
-        let mut queue = VecDeque::from([(start, Vec::<u8>::new())]);
-        while let Some(((states, node), value)) = queue.pop_front() {
-            let accepted = states
-                .iter()
-                .zip(&machines)
-                .enumerate()
-                .all(|(i, (&s, d))| is_accepting(d, s) == (i < positives))
+        // A product state is the machines' state ids and the trie node, as one key; the
+        // search reuses one buffer for the successors it looks at and allocates only for the
+        // states it has not seen (the per-transition allocations were most of a check's time).
+        let mut start: Vec<u32> = start.iter().map(StateID::as_u32).collect();
+        start.push(0);
+        let mut seen: foldhash::HashSet<Vec<u32>> = foldhash::HashSet::default();
+        seen.insert(start.clone());
+        // The states in the order they were found (the queue is the part not yet expanded),
+        // each with the state it came from and the byte that led here: the witness's spelling.
+        let mut found: Vec<(Vec<u32>, u32, u8)> = vec![(start, u32::MAX, 0)];
+        let bytes = representatives(&machines, &excluded);
+        let mut next: Vec<u32> = Vec::with_capacity(machines.len() + 1);
+        let mut current: Vec<u32> = Vec::with_capacity(machines.len() + 1);
+        let mut cursor = 0;
+        while cursor < found.len() {
+            current.clear();
+            current.extend_from_slice(&found[cursor].0);
+            let (states, node) = current.split_at(machines.len());
+            let node = node[0];
+            let state = |i: usize| StateID::new_unchecked(states[i] as usize);
+            let accepted = (0..machines.len())
+                .all(|i| is_accepting(machines[i], state(i)) == (i < positives))
                 && !excluded.exact_end(node);
             if accepted {
-                let value = String::from_utf8_lossy(&value).into_owned();
-                return (Witness::Found(Some(value)), seen.len());
+                return (Witness::Found(Some(spell(&found, cursor))), seen.len());
             }
-            for byte in alphabet() {
-                let next: Vec<StateID> = states
-                    .iter()
-                    .zip(&machines)
-                    .map(|(&s, d)| d.next_state(s, byte))
-                    .collect();
+            for &byte in &bytes {
+                next.clear();
+                next.extend(
+                    (0..machines.len()).map(|i| machines[i].next_state(state(i), byte).as_u32()),
+                );
                 // A positive atom in its dead state can never accept again, nor can a value
                 // that starts with an excluded prefix.
-                if next[..positives]
-                    .iter()
-                    .zip(&machines)
-                    .any(|(&s, d)| d.is_dead_state(s))
+                if (0..positives)
+                    .any(|i| machines[i].is_dead_state(StateID::new_unchecked(next[i] as usize)))
                 {
                     continue;
                 }
@@ -286,18 +295,57 @@ impl Cond {
                 if excluded.prefix_end(next_node) {
                     continue;
                 }
-                if seen.insert((next.clone(), next_node)) {
+                next.push(next_node);
+                if !seen.contains(next.as_slice()) {
+                    seen.insert(next.clone());
                     if seen.len() > limit {
                         return (Witness::Unknown, seen.len());
                     }
-                    let mut longer = value.clone();
-                    longer.push(byte);
-                    queue.push_back(((next, next_node), longer));
+                    found.push((next.clone(), cursor as u32, byte));
                 }
             }
+            cursor += 1;
         }
         (Witness::Empty, seen.len())
     }
+}
+
+/// The bytes of the alphabet a product search has to try: one per set of bytes that every
+/// machine treats alike (a DFA's byte classes) and that no excluded literal names, the first
+/// of it in alphabet order (so witnesses read as before). `team-[a-z0-9]+` against another
+/// regex needs a handful of bytes, not 94.
+fn representatives(machines: &[&dense::DFA<Vec<u32>>], excluded: &Trie) -> Vec<u8> {
+    let mut literal_bytes = [false; 256];
+    for node in &excluded.nodes {
+        for &(byte, _) in &node.children {
+            literal_bytes[usize::from(byte)] = true;
+        }
+    }
+    let mut seen: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    alphabet()
+        .filter(|&byte| {
+            if literal_bytes[usize::from(byte)] {
+                return true;
+            }
+            seen.insert(
+                machines
+                    .iter()
+                    .map(|d| d.byte_classes().get(byte))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// The value that leads to state `at` of a product search: the bytes along its trail.
+fn spell(found: &[(Vec<u32>, u32, u8)], mut at: usize) -> String {
+    let mut bytes = Vec::new();
+    while let Some(&(_, from, byte)) = found.get(at).filter(|(_, from, _)| *from != u32::MAX) {
+        bytes.push(byte);
+        at = from as usize;
+    }
+    bytes.reverse();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Excluded literals: exact values and prefixes.

@@ -143,17 +143,26 @@ impl Hash for Test {
 }
 
 impl WholeValueRegex {
+    /// Compiles `pattern`, or shares the compiled form of an equal pattern still in use: one
+    /// configuration is checked, indexed and compiled by separate passes, and a Kubernetes
+    /// source rebuilds it on every change, each pass parsing the same matchers again.
     pub fn new(pattern: &str) -> anyhow::Result<WholeValueRegex> {
         use anyhow::Context;
+        let mut compiled = COMPILED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = compiled.regexes.get(pattern) {
+            return Ok(known.clone());
+        }
         let regex = regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
             .size_limit(REGEX_SIZE_LIMIT)
             .build()
             .with_context(|| format!("invalid regex `{pattern}`"))?;
-        Ok(WholeValueRegex {
+        let regex = WholeValueRegex {
             source: pattern.into(),
             regex: Arc::new(regex),
             prefixes: literal_prefixes(pattern),
-        })
+        };
+        compiled.keep(regex.clone());
+        Ok(regex)
     }
 
     pub fn prefixes(&self) -> Option<&[String]> {
@@ -163,6 +172,33 @@ impl WholeValueRegex {
     /// The pattern as configured (without the whole-value anchors).
     pub fn source(&self) -> &str {
         &self.source
+    }
+}
+
+/// Compiled regexes by source, while something besides this cache holds them.
+struct Compiled {
+    regexes: std::collections::HashMap<Arc<str>, WholeValueRegex>,
+    /// Entries after the last sweep: the next one comes when there are twice as many.
+    swept_at: usize,
+}
+
+static COMPILED: std::sync::LazyLock<std::sync::Mutex<Compiled>> = std::sync::LazyLock::new(|| {
+    std::sync::Mutex::new(Compiled {
+        regexes: std::collections::HashMap::new(),
+        swept_at: 0,
+    })
+});
+
+impl Compiled {
+    /// Adds `regex`; drops the regexes no configuration holds any more once the cache has
+    /// doubled since the last sweep (so the sweeps cost no more than the inserts).
+    fn keep(&mut self, regex: WholeValueRegex) {
+        self.regexes.insert(regex.source.clone(), regex);
+        if self.regexes.len() > (2 * self.swept_at).max(1024) {
+            self.regexes
+                .retain(|_, regex| Arc::strong_count(&regex.regex) > 1);
+            self.swept_at = self.regexes.len();
+        }
     }
 }
 
