@@ -8,7 +8,7 @@
 //! ASCII, the values a header can carry). When that search exceeds its budget the answer is
 //! marked approximate.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use regex_automata::{
     Anchored, MatchKind,
@@ -63,7 +63,7 @@ pub enum Witness {
 /// incomplete. DFAs are kept per atom up to a total size, past which an atom is `Unknown` too:
 /// however adversarial the configuration, a check run takes bounded time and memory.
 pub struct Solver {
-    dfas: HashMap<Atom, Option<dense::DFA<Vec<u32>>>>,
+    dfas: foldhash::HashMap<Atom, Option<dense::DFA<Vec<u32>>>>,
     dfa_bytes: usize,
     steps_left: u64,
 }
@@ -76,7 +76,7 @@ const DFA_TOTAL_LIMIT: usize = 64 << 20;
 impl Solver {
     pub fn new(steps: u64) -> Solver {
         Solver {
-            dfas: HashMap::new(),
+            dfas: foldhash::HashMap::default(),
             dfa_bytes: 0,
             steps_left: steps,
         }
@@ -321,18 +321,21 @@ fn representatives(machines: &[&dense::DFA<Vec<u32>>], excluded: &Trie) -> Vec<u
             literal_bytes[usize::from(byte)] = true;
         }
     }
-    let mut seen: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    // A byte's classes in up to eight machines, packed; with more, every byte is tried.
+    let mut signatures: Vec<u64> = Vec::new();
     alphabet()
         .filter(|&byte| {
-            if literal_bytes[usize::from(byte)] {
+            if literal_bytes[usize::from(byte)] || machines.len() > 8 {
                 return true;
             }
-            seen.insert(
-                machines
-                    .iter()
-                    .map(|d| d.byte_classes().get(byte))
-                    .collect(),
-            )
+            let signature = (machines.iter()).fold(0u64, |packed, d| {
+                packed << 8 | u64::from(d.byte_classes().get(byte))
+            });
+            let new = !signatures.contains(&signature);
+            if new {
+                signatures.push(signature);
+            }
+            new
         })
         .collect()
 }

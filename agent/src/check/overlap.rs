@@ -134,7 +134,7 @@ struct Index<'a> {
     entries: Vec<Entry<'a>>,
     conds: Vec<CondInfo>,
     groups: Vec<Group>,
-    group_of: HashMap<Vec<HeaderId>, usize>,
+    group_of: foldhash::HashMap<Vec<HeaderId>, usize>,
     /// For each rank, the ranks of equal priority: a contiguous range around it.
     same_priority: Vec<Range<Rank>>,
     /// The releases as the router would decide them, to check examples against.
@@ -257,10 +257,11 @@ impl<'a> Index<'a> {
     fn build(config: &'a Config, work: &mut Work, report: &mut Report) -> Index<'a> {
         let mut releases: Vec<&Release> = config.releases.iter().collect();
         releases.sort_by(|a, b| rank_order(a, b));
-        let mut headers: HashMap<String, HeaderId> = HashMap::new();
+        let mut headers: foldhash::HashMap<String, HeaderId> = foldhash::HashMap::default();
         // Atoms hash by their source text; the regex cache inside never takes part.
         #[allow(clippy::mutable_key_type)]
-        let mut cond_ids: HashMap<(HeaderId, Vec<Atom>), CondId> = HashMap::new();
+        let mut cond_ids: foldhash::HashMap<(HeaderId, Vec<Atom>), CondId> =
+            foldhash::HashMap::default();
         let mut conds: Vec<CondInfo> = Vec::new();
         let mut entries = Vec::new();
         for release in releases {
@@ -346,7 +347,7 @@ impl<'a> Index<'a> {
         }
 
         let mut groups: Vec<Group> = Vec::new();
-        let mut group_of: HashMap<Vec<HeaderId>, usize> = HashMap::new();
+        let mut group_of: foldhash::HashMap<Vec<HeaderId>, usize> = foldhash::HashMap::default();
         for (rank, entry) in entries.iter().enumerate() {
             let rank = rank as Rank;
             let key: Vec<HeaderId> = entry.required.iter().map(|(h, _)| *h).collect();
