@@ -257,6 +257,32 @@ struct OtherAgent {
     _drain: steer::drain::DrainTrigger,
 }
 
+/// The Kubernetes source of an agent named `identity` that applies nothing: what its status
+/// writer does, without a node.
+fn source_alone(
+    client: kube::Client,
+    identity: &str,
+    prometheus: Option<Prometheus>,
+    drain: steer::drain::Drain,
+) -> impl std::future::Future<Output = ()> + use<> {
+    let options = KubernetesOptions {
+        version_label: "version".into(),
+        identity: identity.into(),
+        lease_namespace: "steer-system".into(),
+        cgroup_root: None,
+        prometheus,
+    };
+    kubernetes::run(
+        client,
+        options,
+        Box::new(|_| Ok(())),
+        Box::new(|_| {}),
+        Arc::new(Rollouts::kept_in_cluster()),
+        Arc::new(Metrics::default()),
+        drain,
+    )
+}
+
 /// Another agent (`node-2`), in this process, wins the status writer's Lease from the bed's
 /// agent, which goes on routing as a follower.
 fn take_over(server: &Arc<ApiServer>, prometheus: &PrometheusServer) -> OtherAgent {
@@ -274,27 +300,13 @@ fn take_over(server: &Arc<ApiServer>, prometheus: &PrometheusServer) -> OtherAge
     }
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (trigger, drain) = steer::drain::channel();
-    let options = KubernetesOptions {
-        version_label: "version".into(),
-        identity: "node-2".into(),
-        lease_namespace: "steer-system".into(),
-        cgroup_root: None,
-        prometheus: Some(Prometheus::new(&prometheus.url).unwrap()),
-    };
     // The client spawns its task on the runtime it is made in.
     let client = {
         let _entered = runtime.enter();
         server.client()
     };
-    runtime.spawn(kubernetes::run(
-        client,
-        options,
-        Box::new(|_| Ok(())),
-        Box::new(|_| {}),
-        Arc::new(Rollouts::kept_in_cluster()),
-        Arc::new(Metrics::default()),
-        drain,
-    ));
+    let prometheus = Some(Prometheus::new(&prometheus.url).unwrap());
+    runtime.spawn(source_alone(client, "node-2", prometheus, drain));
     OtherAgent {
         _runtime: runtime,
         _drain: trigger,
@@ -483,31 +495,6 @@ fn a_failing_canary_rolls_back_and_resumes_on_its_annotation() {
 
 /// Without Prometheus, or with one that does not answer, a rollout holds its step and its
 /// status says why (the source alone, against the API server: no traffic needed).
-/// The Kubernetes source of an agent alone (it becomes the status writer), applying nothing:
-/// what the status writer does, without a node.
-fn source_alone(
-    server: &ApiServer,
-    prometheus: Option<Prometheus>,
-    drain: steer::drain::Drain,
-) -> tokio::task::JoinHandle<()> {
-    let options = KubernetesOptions {
-        version_label: "version".into(),
-        identity: "node-1".into(),
-        lease_namespace: "steer-system".into(),
-        cgroup_root: None,
-        prometheus,
-    };
-    tokio::spawn(kubernetes::run(
-        server.client(),
-        options,
-        Box::new(|_| Ok(())),
-        Box::new(|_| {}),
-        Arc::new(Rollouts::kept_in_cluster()),
-        Arc::new(Metrics::default()),
-        drain,
-    ))
-}
-
 #[tokio::test]
 async fn without_figures_a_rollout_holds_its_step_and_says_why() {
     for (prometheus, reason) in [
@@ -522,7 +509,7 @@ async fn without_figures_a_rollout_holds_its_step_and_says_why() {
         let config = Config::from_yaml(&text, "fixture").unwrap();
         let server = ApiServer::start(objects_from_config(&config, "demo")).await;
         let (_trigger, drain) = steer::drain::channel();
-        let task = source_alone(&server, prometheus, drain);
+        let task = tokio::spawn(source_alone(server.client(), "node-1", prometheus, drain));
         let started = Instant::now();
         let held = loop {
             let rollout = rollout(&server);
@@ -581,7 +568,7 @@ async fn a_succeeded_rollout_is_promoted_and_a_refused_promotion_is_tried_again(
     let server = ApiServer::start(objects).await;
     server.state.lock().unwrap().forbid_service_patches = true;
     let (_trigger, drain) = steer::drain::channel();
-    let task = source_alone(&server, None, drain);
+    let task = tokio::spawn(source_alone(server.client(), "node-1", None, drain));
     let primary = || {
         server
             .object("Service", Cluster::NAMESPACE, "restaurant")
