@@ -113,6 +113,10 @@ impl Drop for InFlight {
     }
 }
 
+/// The errors a rejection's message names; a large configuration can have thousands, and the
+/// message is one log line.
+const SHOWN_ERRORS: usize = 10;
+
 /// Why a snapshot could not be built: the checker's full report (it has errors).
 #[derive(Debug)]
 pub struct Rejected(pub Report);
@@ -123,9 +127,15 @@ impl std::fmt::Display for Rejected {
             .0
             .errors
             .iter()
+            .take(SHOWN_ERRORS)
             .map(|e| format!("{}: {}", e.code, e.message))
             .collect();
-        write!(f, "configuration rejected: {}", messages.join("; "))
+        write!(f, "configuration rejected: {}", messages.join("; "))?;
+        let more = self.0.errors.len().saturating_sub(SHOWN_ERRORS);
+        if more > 0 {
+            write!(f, "; and {more} more error(s) (steer check lists them all)")?;
+        }
+        Ok(())
     }
 }
 
@@ -393,5 +403,29 @@ impl Callers {
     pub fn get(&self, id: u32) -> Option<(&Arc<str>, &Arc<str>)> {
         let (service, version) = self.versions.get((id as usize).checked_sub(1)?)?;
         Some((service, version))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::Finding;
+
+    #[test]
+    fn a_rejection_names_its_first_errors_and_counts_the_rest() {
+        let errors = (0..25)
+            .map(|i| Finding {
+                code: "shadowed",
+                message: format!("release `r{i}`"),
+                releases: vec![],
+            })
+            .collect();
+        let message = Rejected(Report {
+            errors,
+            ..Report::default()
+        })
+        .to_string();
+        assert!(message.contains("release `r9`") && !message.contains("release `r10`"));
+        assert!(message.ends_with("; and 15 more error(s) (steer check lists them all)"));
     }
 }
