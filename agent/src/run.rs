@@ -181,10 +181,6 @@ impl Applies for Applier {
         self.apply_checked(Ok((config, Some(report))), "rollout")
     }
 
-    fn report_in_force(&self) -> Arc<check::Report> {
-        self.state.load().report.clone()
-    }
-
     fn metrics_text(&self) -> String {
         self.metrics.encode()
     }
@@ -254,8 +250,9 @@ impl Applier {
     /// rules see each at its step.
     fn apply_source(&self, config: Result<Config>, origin: &str) -> Result<()> {
         let result = config.and_then(|config| {
-            (self.rollouts)
-                .apply_source(config, |effective| self.try_apply(effective, None, origin))
+            (self.rollouts).apply_source(config, |effective, report| {
+                self.try_apply(effective, Some(report), origin)
+            })
         });
         self.record(result, origin)
     }
@@ -427,9 +424,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
             let rollouts = Rollouts::load(Some(rollout_state_file(path)));
             let mut built = None;
             rollouts
-                .apply_source(config, |effective| {
+                .apply_source(config, |effective, report| {
                     refuse_own_addresses(&effective, &own_addresses)?;
-                    built = Some(Snapshot::build(effective)?.0);
+                    built = Some(Snapshot::build_checked(effective, None, Some(report))?.0);
                     Ok(())
                 })
                 .with_context(|| path.display().to_string())?;

@@ -32,7 +32,7 @@ use super::{
     translate::{PRIMARY_ANNOTATION, key_of},
 };
 use crate::{
-    check::{self, Report},
+    check::Report,
     config::{Config, Release},
     rollout::{
         self, Book, OnSuccess, Phase, Rollout, RolloutStatus, analysis::judge, driver::Rollouts,
@@ -90,8 +90,8 @@ pub fn in_force(
     }
     let book = rollout::reconcile(&config, stored, jiff::Timestamp::now());
     let effective = rollout::effective(&config, &book);
-    let report = check::check(&effective);
     source.send_replace(Some(Arc::new(config)));
+    // The source's report is every step's (`Rollouts::apply_source` says why).
     (effective, report)
 }
 
@@ -157,16 +157,12 @@ pub async fn drive(driver: Driver, source: watch::Receiver<Option<Arc<Config>>>)
             .map(|r| (key_of(&r), r))
             .collect();
         let now = jiff::Timestamp::now();
-        let book = rollout::reconcile(&config, &stored(objects.values().map(|r| &**r)), now);
         for release in &config.releases {
             let (Some(rollout), Some(object)) = (&release.rollout, objects.get(&release.name))
             else {
                 continue;
             };
-            let Some(update) = driver
-                .next(&config, &book, release, rollout, object, now)
-                .await
-            else {
+            let Some(update) = driver.next(&config, release, rollout, object, now).await else {
                 continue;
             };
             pace.tick().await;
@@ -199,7 +195,6 @@ impl Driver {
     async fn next(
         &self,
         config: &Arc<Config>,
-        book: &Book,
         release: &Release,
         rollout: &Rollout,
         object: &CanaryRelease,
@@ -237,9 +232,7 @@ impl Driver {
         if !current.due(now) {
             return None;
         }
-        let next = self
-            .analyse(config, book, release, rollout, current, now)
-            .await;
+        let next = self.analyse(config, release, rollout, current, now).await;
         Some((next, asked))
     }
 
@@ -270,12 +263,11 @@ impl Driver {
         Some((next, status.rollout_resume.clone()))
     }
 
-    /// Runs the analysis of the step `current` is at and takes the rollout where it leads:
-    /// never further than the checker allows, and nowhere without figures.
+    /// Runs the analysis of the step `current` is at and takes the rollout where it leads;
+    /// nowhere without figures.
     async fn analyse(
         &self,
         config: &Arc<Config>,
-        book: &Book,
         release: &Release,
         rollout: &Rollout,
         current: &RolloutStatus,
@@ -300,28 +292,6 @@ impl Driver {
         let record = judge(&rollout.analysis, &window, now);
         let next = current.after_analysis(rollout, record, now);
         info!(release = %release.name, phase = ?next.phase, "{}", next.message);
-        let grows = matches!(next.phase, Phase::Progressing | Phase::Succeeded)
-            && next.share() != current.share();
-        if grows {
-            let mut candidate = book.clone();
-            candidate.insert(release.name.clone(), next.clone());
-            let (config, book) = (config.clone(), book.clone());
-            // Checking is CPU work: on the blocking pool.
-            let refused = tokio::task::spawn_blocking(move || {
-                let before = check::check(&rollout::effective(&config, &book));
-                let after = check::check(&rollout::effective(&config, &candidate));
-                rollout::breaks_rules(&before, &after)
-            })
-            .await
-            .unwrap_or_else(|err| Some(format!("the check failed: {err}")));
-            if let Some(reason) = refused {
-                warn!(release = %release.name, reason, "rollout step not taken");
-                return RolloutStatus {
-                    last_analysis: next.last_analysis,
-                    ..current.blocked(rollout, &reason, now)
-                };
-            }
-        }
         if next.phase == Phase::Succeeded && rollout.on_success == OnSuccess::Promote {
             // Written first, then promoted (`promotion`): the status holds the intent.
             return RolloutStatus {
@@ -471,7 +441,7 @@ mod tests {
         let rollouts = Rollouts::kept_in_cluster();
         let (source, driven) = watch::channel(None);
         let percent_in_force = |stored: &Book| {
-            let report = check::check(&config);
+            let report = crate::check::check(&config);
             let (config, report) = in_force(config.clone(), report, &routing(stored), &source);
             assert!(report.valid, "{:?}", report.errors);
             Page::default().show(&rollouts, source.borrow().clone(), stored.clone());
@@ -511,7 +481,7 @@ mod tests {
         assert_eq!(percent_in_force(&stored), None);
         // Without rollouts the translation is in force as it is, and the driver idles.
         let plain = Config::from_yaml("services: []\n", "t.yaml").unwrap();
-        let report = check::check(&plain);
+        let report = crate::check::check(&plain);
         in_force(plain, report, &Book::new(), &source);
         Page::default().show(&rollouts, source.borrow().clone(), Book::new());
         assert!(driven.borrow().is_none());

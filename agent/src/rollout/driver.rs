@@ -24,10 +24,9 @@ use crate::{
 
 /// What the driver needs of the agent: put a configuration in force, and read the figures.
 pub trait Applies: Send + Sync {
-    /// Puts an effective configuration (checked already: `report`) in force.
+    /// Puts an effective configuration in force; `report` is its source's (see
+    /// `Rollouts::apply_source`).
     fn apply_effective(&self, config: Config, report: Report) -> Result<()>;
-    /// The checker's report of the configuration in force.
-    fn report_in_force(&self) -> Arc<Report>;
     /// The agent's metrics exposition.
     fn metrics_text(&self) -> String;
 }
@@ -47,6 +46,8 @@ pub struct RolloutView {
 struct Inner {
     /// The configuration as its source wrote it (with rollouts, without their percents).
     source: Config,
+    /// The checker's report of `source`: the report of every step's configuration too.
+    report: Report,
     book: Book,
     /// A person resumed a rollout: its first step is to be put in force.
     pending: bool,
@@ -121,17 +122,22 @@ impl Rollouts {
     }
 
     /// Applies a configuration from its source: each rollout keeps its place (or begins),
-    /// and `apply` gets the configuration the rules see. On success the source and the
-    /// statuses are recorded; on failure nothing changes.
+    /// and `apply` gets the configuration the rules see with the checker's report of the
+    /// source. The source is checked as `steer check` checks it, each rolling release at its
+    /// last step; every step before is then valid too, since a step only lowers a release's
+    /// share or leaves it out, which can neither make two releases tie nor shadow one. On
+    /// success the source and the statuses are recorded; on failure nothing changes.
     pub fn apply_source(
         &self,
         source: Config,
-        apply: impl FnOnce(Config) -> Result<()>,
+        apply: impl FnOnce(Config, Report) -> Result<()>,
     ) -> Result<()> {
         let mut inner = self.lock();
+        let report = check::check(&source);
         let book = super::reconcile(&source, &inner.book, jiff::Timestamp::now());
-        apply(super::effective(&source, &book))?;
+        apply(super::effective(&source, &book), report.clone())?;
         inner.source = source;
+        inner.report = report;
         inner.book = book;
         self.publish(&inner.source, &inner.book);
         Ok(())
@@ -213,22 +219,22 @@ impl Rollouts {
         })
     }
 
-    /// Runs the analyses that are due and puts each resulting step in force; a step the
-    /// checker would refuse, or that would leave another release shadowed, is not taken (the
-    /// rollout stays and tries again an interval later).
+    /// Runs the analyses that are due and puts each resulting step in force; a step that
+    /// cannot be put in force (the datapath refuses it) is not taken: the rollout stays and
+    /// tries again an interval later.
     fn step(&self, figures: &LocalFigures, applies: &dyn Applies) {
         let now = jiff::Timestamp::now();
         let mut inner = self.lock();
         let Inner {
             source,
+            report,
             book,
             pending,
         } = &mut *inner;
         let mut changed = std::mem::take(pending);
         if changed {
             let config = super::effective(source, book);
-            let report = check::check(&config);
-            if let Err(err) = applies.apply_effective(config, report) {
+            if let Err(err) = applies.apply_effective(config, report.clone()) {
                 warn!(error = %format!("{err:#}"), "resumed rollout not applied");
             }
         }
@@ -256,19 +262,7 @@ impl Rollouts {
             let mut candidate = book.clone();
             candidate.insert(name.clone(), next.clone());
             let config = super::effective(source, &candidate);
-            let report = check::check(&config);
-            let refused = match next.phase {
-                // Taking traffic away never breaks a rule; growing may.
-                Phase::RolledBack | Phase::Promoted => None,
-                Phase::Progressing | Phase::Succeeded => {
-                    super::breaks_rules(&applies.report_in_force(), &report)
-                }
-            };
-            let applied = match refused {
-                Some(reason) => Err(anyhow::anyhow!(reason)),
-                None => applies.apply_effective(config, report),
-            };
-            match applied {
+            match applies.apply_effective(config, report.clone()) {
                 Ok(()) => *book = candidate,
                 Err(err) => {
                     let reason = format!("{err:#}");

@@ -10,6 +10,12 @@
 //!
 //! A step's users are a superset of the last step's: a user is in when the sticky hash of
 //! (release, user) is below the step's threshold, and thresholds only grow.
+//!
+//! The checker judges a configuration with each rolling release at its last step (the
+//! largest share it may come to). Every earlier step is then valid too: a step only lowers a
+//! release's share or leaves it out, which can neither make two releases tie nor shadow one.
+//! So one check of the source serves all its steps, and a rollout that could never finish
+//! within the rules is refused before it starts.
 
 pub mod analysis;
 pub mod driver;
@@ -25,7 +31,6 @@ pub use analysis::{AnalysisRecord, Outcome, Traffic, Window};
 pub use spec::{Analysis, OnSuccess, Rollout};
 
 use crate::{
-    check::Report,
     config::{Config, Release},
     rules::sticky_hash,
 };
@@ -293,26 +298,6 @@ pub fn promote(config: &Config, release: &str) -> Result<Config, String> {
     }
     promoted.releases.retain(|r| r.name != release);
     Ok(promoted)
-}
-
-/// Why a step whose configuration the checker reported as `after` must not be taken, when
-/// the configuration in force had `before`: an error (a tie of equal priorities), or a release
-/// shadowed that was not.
-pub fn breaks_rules(before: &Report, after: &Report) -> Option<String> {
-    if let Some(error) = after.errors.first() {
-        return Some(format!("{}: {}", error.code, error.message));
-    }
-    let was: std::collections::HashSet<&str> =
-        before.shadowed.iter().map(|s| s.release.as_str()).collect();
-    let newly = after
-        .shadowed
-        .iter()
-        .find(|s| !was.contains(s.release.as_str()))?;
-    Some(format!(
-        "it would leave `{}` shadowed by {}",
-        newly.release,
-        newly.by.join(", ")
-    ))
 }
 
 #[cfg(test)]
