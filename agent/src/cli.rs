@@ -445,7 +445,7 @@ fn run_rollout(command: RolloutCommand) -> ExitCode {
             })
         }
         RolloutCommand::Resume { release, admin } => {
-            let path = format!("/rollouts/{}/resume", percent_encode(&release));
+            let path = format!("/rollouts/{}/resume", crate::client::url_encode(&release));
             admin_call(admin, http::Method::POST, &path).map(|_| {
                 println!("resumed `{release}`: its first step is in force");
             })
@@ -500,16 +500,6 @@ fn promote_file(
     Ok(())
 }
 
-/// Characters a release name may hold that a path segment may not.
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
-            other => format!("%{other:02X}"),
-        })
-        .collect()
-}
-
 /// One request to the agent's admin server; the body of a 2xx answer, else why not.
 fn admin_call(
     admin: std::net::SocketAddr,
@@ -520,40 +510,16 @@ fn admin_call(
         .enable_all()
         .build()
         .map_err(|err| format!("cannot start a runtime: {err}"))?;
-    runtime.block_on(async {
-        use http_body_util::BodyExt;
-        let stream = tokio::net::TcpStream::connect(admin)
-            .await
-            .map_err(|err| format!("cannot reach the agent's admin server at {admin}: {err}"))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|err| format!("{admin}: {err}"))?;
-        tokio::spawn(connection);
-        let request = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(http::header::HOST, admin.to_string())
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .expect("valid request");
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|err| format!("{admin}: {err}"))?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|err| format!("{admin}: {err}"))?
-            .to_bytes();
-        let body = String::from_utf8_lossy(&body).into_owned();
-        if status.is_success() {
-            Ok(body)
-        } else {
-            Err(body.trim_end().to_string())
-        }
-    })
+    let authority = admin.to_string();
+    let peer = "the agent's admin server";
+    let (status, body) = runtime
+        .block_on(crate::client::request(peer, &authority, method, path))
+        .map_err(|err| format!("{err:#}"))?;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(body.trim_end().to_string())
+    }
 }
 
 /// One line per rollout, then what it last concluded.

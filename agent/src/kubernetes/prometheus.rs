@@ -5,14 +5,14 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 
-use crate::rollout::{
-    Traffic, Window,
-    local::{Subject, Totals},
+use crate::{
+    client::{self, url_encode},
+    rollout::{
+        Traffic, Window,
+        local::{Subject, Totals},
+    },
 };
 
 /// A query that takes longer holds the step, like any other Prometheus error.
@@ -81,29 +81,8 @@ impl Prometheus {
     }
 
     async fn get(&self, path: &str) -> Result<String> {
-        let stream = tokio::net::TcpStream::connect(&self.authority)
-            .await
-            .with_context(|| format!("cannot connect to Prometheus at {}", self.authority))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .context("Prometheus: HTTP handshake")?;
-        tokio::spawn(connection);
-        let request = http::Request::get(path)
-            .header(http::header::HOST, &self.authority)
-            .body(Empty::<Bytes>::new())
-            .context("Prometheus query")?;
-        let response = sender
-            .send_request(request)
-            .await
-            .context("Prometheus: the query failed")?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .context("Prometheus: reading the answer")?
-            .to_bytes();
-        let text = String::from_utf8_lossy(&body).into_owned();
+        let (status, text) =
+            client::request("Prometheus", &self.authority, http::Method::GET, path).await?;
         // Query errors come as 400/422 with `{"status":"error","error":...}`: read below.
         if !status.is_success() && !text.starts_with('{') {
             bail!("Prometheus answered {status}: {text}");
@@ -235,19 +214,6 @@ pub fn totals(requests: &str, buckets: &str) -> Result<Totals> {
         traffic.latency.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
     Ok(totals)
-}
-
-/// Percent-encodes everything but the unreserved characters (RFC 3986).
-fn url_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() * 3);
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
