@@ -17,4 +17,5 @@ pub mod proxy;
 pub mod rollout;
 pub mod rules;
 pub mod run;
+pub mod stamp_key;
 pub mod state;
