@@ -325,7 +325,7 @@ impl Scenario {
             {
                 bail!("steer run exited: {status}");
             }
-            if started.elapsed() > Duration::from_secs(10) {
+            if started.elapsed() > Duration::from_secs(60) {
                 bail!("steer run did not become ready");
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -343,7 +343,7 @@ impl Scenario {
         loop {
             match self.request(entry, &[]) {
                 Ok(hop) if hop.flatten().iter().all(|h| h.error.is_none()) => return Ok(()),
-                Ok(_) | Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                Ok(_) | Err(_) if started.elapsed() < Duration::from_secs(60) => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 Ok(hop) => bail!("the workload does not answer: {hop:?}"),
@@ -363,7 +363,7 @@ impl Scenario {
             if serde_json::from_str::<serde_json::Value>(&reply.body).ok() == Some(want.clone()) {
                 return Ok(started.elapsed());
             }
-            if started.elapsed() > Duration::from_secs(5) {
+            if started.elapsed() > Duration::from_secs(60) {
                 bail!("the agent did not apply the new configuration");
             }
             std::thread::sleep(Duration::from_millis(5));
