@@ -302,7 +302,12 @@ impl Scenario {
             .args(["--gateway", &self.gateway.to_string()])
             .args(["--admin", &self.admin.to_string()])
             .args(["--cgroup", &self.node.cgroup.display().to_string()])
-            .args(["--drain-grace", "5"])
+            .args(
+                (!self.agent_args.iter().any(|a| a == "--drain-grace"))
+                    .then_some(["--drain-grace", "5"])
+                    .into_iter()
+                    .flatten(),
+            )
             // The bed's own key (a --kubernetes agent needs one given).
             .arg("--stamp-key")
             .arg(self.config_path.with_file_name("stamp.key"))
