@@ -23,7 +23,12 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
-use crate::{metrics::Metrics, rollout::driver::Rollouts, rules::HeaderPairs, state::Snapshot};
+use crate::{
+    metrics::Metrics,
+    rollout::{RolloutStatus, driver::Rollouts},
+    rules::HeaderPairs,
+    state::Snapshot,
+};
 pub use connection::Limits;
 use live::Live;
 pub use live::Rejection;
@@ -233,19 +238,29 @@ enum Page {
     Rollouts,
     Config,
     Explain,
-    /// `POST /rollouts/NAME/resume` (NAME percent-encoded).
-    Resume(String),
+    /// A person's word on a rollout: `POST /rollouts/NAME/resume` or `/rollouts/NAME/continue`
+    /// (NAME percent-encoded).
+    Rollout(String, RolloutAction),
 }
+
+/// What a person can ask of one rollout.
+type RolloutAction = fn(&Rollouts, &str) -> Result<RolloutStatus, String>;
 
 impl Page {
     fn of(path: &str) -> Option<Page> {
         if is_probe(path) {
             return Some(Page::Probe);
         }
-        let resume =
-            (path.strip_prefix("/rollouts/")).and_then(|rest| rest.strip_suffix("/resume"));
-        if let Some(name) = resume {
-            return Some(Page::Resume(percent_decode(name)));
+        let action = (path.strip_prefix("/rollouts/")).and_then(|rest| {
+            [
+                ("resume", Rollouts::resume as RolloutAction),
+                ("continue", Rollouts::continue_now),
+            ]
+            .into_iter()
+            .find_map(|(word, act)| Some((rest.strip_suffix(word)?.strip_suffix('/')?, act)))
+        });
+        if let Some((name, act)) = action {
+            return Some(Page::Rollout(percent_decode(name), act));
         }
         Some(match path {
             "/" | "/ui" | "/ui/" => Page::Asset("text/html; charset=utf-8", PAGE),
@@ -275,15 +290,16 @@ fn route(
             StatusCode::NOT_FOUND,
             TEXT,
             "endpoints: / (the live page) /healthz /readyz /metrics /config \
-             /explain?service=..&header=Name:value /rollouts (POST /rollouts/NAME/resume) \
+             /explain?service=..&header=Name:value /rollouts (POST /rollouts/NAME/resume, \
+             /rollouts/NAME/continue) \
              /ui/state /ui/explain?header=Name:value\n"
                 .into(),
         ));
     };
-    if let Page::Resume(name) = &page {
+    if let Page::Rollout(name, act) = &page {
         policy::method(request.method(), policy::CHANGE)?;
         policy::state_change(request.headers(), local)?;
-        return Ok(match admin.rollouts.resume(name) {
+        return Ok(match act(&admin.rollouts, name) {
             Ok(status) => reply(
                 StatusCode::OK,
                 JSON,
@@ -325,7 +341,7 @@ fn route(
             reply(StatusCode::OK, JSON, body)
         }
         Page::Explain => explain(admin, &query()),
-        Page::Resume(_) => unreachable!("answered above"),
+        Page::Rollout(..) => unreachable!("answered above"),
     })
 }
 
