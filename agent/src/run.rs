@@ -407,8 +407,6 @@ fn stamp_of(path: &Path) -> Option<(SystemTime, u64)> {
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
-    // Before anything is bound or attached: an agent without the mesh's key must not start.
-    let stamp_keys = stamp_keys(&options)?;
     let own_addresses: Vec<SocketAddr> = options
         .listen
         .all()
@@ -439,6 +437,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
             (snapshot, Some(client), Rollouts::kept_in_cluster())
         }
     };
+    // Once the configuration is known good, before anything is bound or attached: an agent
+    // without the mesh's key must not start.
+    let stamp_keys = stamp_keys(&options)?;
     let rollouts = Arc::new(rollouts);
     let file_limit = raise_file_limit();
     let workers = options
