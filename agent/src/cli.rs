@@ -525,9 +525,7 @@ fn promote_file(
         print!("{text}");
         return Ok(());
     }
-    let partial = path.with_extension("promoted.partial");
-    std::fs::write(&partial, &text)
-        .and_then(|()| std::fs::rename(&partial, path))
+    crate::files::write_atomically(path, text.as_bytes())
         .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
     eprintln!(
         "promoted `{release}` in {} (comments and layout are not kept); a running agent applies it",

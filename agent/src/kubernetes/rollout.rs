@@ -240,6 +240,13 @@ impl Driver {
             info!(release = %release.name, "rollout begins");
             return Some((rollout::begin(release, rollout, now), asked));
         };
+        // Anyone who may write the status could write any figure in it: the share comes from
+        // the steps, and a step the rollout lacks holds the release (written, so it shows).
+        let fitted = rollout::fitted(current, release, rollout, now);
+        if fitted.phase != current.phase {
+            return Some((fitted, noted));
+        }
+        let current = &fitted;
         if asked.resume != noted.resume {
             // A continue asked with it was about the run that is over: noted too.
             let resumed = match (asked.resume.as_ref())

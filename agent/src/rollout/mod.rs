@@ -254,9 +254,52 @@ pub fn resume(
     })
 }
 
+/// A release kept out of traffic until a person resumes it, because what was kept of its
+/// rollout cannot be trusted (`reason`): unsafe to guess, since it may have been rolled back.
+pub fn held(
+    release: &Release,
+    rollout: &Rollout,
+    reason: &str,
+    now: jiff::Timestamp,
+) -> RolloutStatus {
+    RolloutStatus {
+        phase: Phase::RolledBack,
+        percent: 0.0,
+        next_analysis_at: None,
+        message: format!("held at 0%: {reason}; resume to start over"),
+        ..begin(release, rollout, now)
+    }
+}
+
+/// A kept status as far as it fits its rollout: the share comes from the rollout's steps,
+/// never from the kept figure, and a step the rollout does not have holds the release.
+pub fn fitted(
+    status: &RolloutStatus,
+    release: &Release,
+    rollout: &Rollout,
+    now: jiff::Timestamp,
+) -> RolloutStatus {
+    if status.step > rollout.last_step() {
+        let reason = format!(
+            "the kept status is at step {} of a rollout of {} steps",
+            status.step + 1,
+            rollout.steps.len()
+        );
+        return held(release, rollout, &reason, now);
+    }
+    let percent = match status.phase {
+        Phase::Progressing | Phase::Succeeded => rollout.percent_at(status.step),
+        Phase::Promoted | Phase::RolledBack => 0.0,
+    };
+    RolloutStatus {
+        percent,
+        ..status.clone()
+    }
+}
+
 /// The statuses for `config`'s rollouts: a release keeps its status while its rollout and
-/// targets stay the same; a new or changed one begins at `now`; statuses of releases that
-/// are gone, or no longer roll out, are dropped.
+/// targets stay the same (as far as it fits them); a new or changed one begins at `now`;
+/// statuses of releases that are gone, or no longer roll out, are dropped.
 pub fn reconcile(config: &Config, book: &Book, now: jiff::Timestamp) -> Book {
     config
         .releases
@@ -266,7 +309,7 @@ pub fn reconcile(config: &Config, book: &Book, now: jiff::Timestamp) -> Book {
             let status = book
                 .get(&release.name)
                 .filter(|status| status.fingerprint == fingerprint(release))
-                .cloned()
+                .map(|status| fitted(status, release, rollout, now))
                 .unwrap_or_else(|| begin(release, rollout, now));
             Some((release.name.clone(), status))
         })
