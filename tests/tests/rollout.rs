@@ -570,3 +570,47 @@ fn the_rollout_state_file_is_trusted_no_further_than_it_can_be_checked() {
     assert_eq!(aside.len(), 1, "{aside:?}");
     assert_eq!(std::fs::read(&aside[0]).unwrap(), *damaged.borrow());
 }
+
+#[test]
+fn an_aborted_rollout_sends_its_users_to_the_primary_until_resumed() {
+    let config = example(|config| {
+        config.releases.retain(|r| r.name == "android");
+        clock(config, "android", &[20.0, 50.0, 100.0], 3_600_000, 10);
+        no_latency_bound(config, "android");
+    });
+    let scenario = deploy(&config, &[]);
+    let users = users("a", 500);
+    assert!(canary_share(&scenario, &users) > 10.0);
+    let admin = scenario.admin.to_string();
+    let (ok, text) = steer(&["rollout", "abort", "android", "--admin", &admin]);
+    assert!(ok, "{text}");
+    let aborted = status(&scenario, "android");
+    assert_eq!(aborted["phase"], "Aborted", "{aborted:#}");
+    assert!(
+        aborted["message"]
+            .as_str()
+            .unwrap()
+            .contains("steer rollout abort"),
+        "{aborted:#}"
+    );
+    // In force at once (the next reload): nobody reaches the canary.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while canary_share(&scenario, &users) > 0.0 {
+        assert!(Instant::now() < deadline, "the abort is not in force");
+    }
+    let page = http::get(scenario.admin, "/ui/state", &[]).unwrap().body;
+    assert!(page.contains("\"verdict\":\"aborted\""), "{page}");
+    let (ok, text) = steer(&["rollout", "abort", "android", "--admin", &admin]);
+    assert!(!ok && text.contains("takes no traffic"), "{text}");
+    // Resumed: the first step again.
+    let (ok, text) = steer(&["rollout", "resume", "android", "--admin", &admin]);
+    assert!(ok, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while canary_share(&scenario, &users) == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the resumed step is not in force"
+        );
+    }
+    assert_eq!(status(&scenario, "android")["step"], 0);
+}

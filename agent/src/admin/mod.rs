@@ -238,7 +238,7 @@ enum Page {
     Rollouts,
     Config,
     Explain,
-    /// A person's word on a rollout: `POST /rollouts/NAME/resume` or `/rollouts/NAME/continue`
+    /// A person's word on a rollout: `POST /rollouts/NAME/resume`, `/continue` or `/abort`
     /// (NAME percent-encoded).
     Rollout(String, RolloutAction),
 }
@@ -255,6 +255,7 @@ impl Page {
             [
                 ("resume", Rollouts::resume as RolloutAction),
                 ("continue", Rollouts::continue_now),
+                ("abort", Rollouts::abort),
             ]
             .into_iter()
             .find_map(|(word, act)| Some((rest.strip_suffix(word)?.strip_suffix('/')?, act)))
@@ -291,7 +292,7 @@ fn route(
             TEXT,
             "endpoints: / (the live page) /healthz /readyz /metrics /config \
              /explain?service=..&header=Name:value /rollouts (POST /rollouts/NAME/resume, \
-             /rollouts/NAME/continue) \
+             /rollouts/NAME/continue, /rollouts/NAME/abort) \
              /ui/state /ui/explain?header=Name:value\n"
                 .into(),
         ));

@@ -49,7 +49,7 @@ struct Inner {
     /// The checker's report of `source`: the report of every step's configuration too.
     report: Report,
     book: Book,
-    /// A person resumed a rollout: its first step is to be put in force.
+    /// A person resumed or aborted a rollout: its new share is to be put in force.
     pending: bool,
     /// Statuses the state file had and that could not be read, until the first apply holds
     /// their releases.
@@ -279,6 +279,33 @@ impl Rollouts {
         Ok(resumed)
     }
 
+    /// Stops a release's rollout now: it takes no traffic (put in force by the driver at once)
+    /// until resumed.
+    pub fn abort(&self, name: &str) -> Result<RolloutStatus, String> {
+        if !self.drives {
+            return Err(format!(
+                "rollouts are kept in the cluster: abort `{name}` on its CanaryRelease \
+                 (README: progressive rollout)"
+            ));
+        }
+        let mut inner = self.lock();
+        let status = inner
+            .book
+            .get(name)
+            .ok_or_else(|| format!("release `{name}` has no rollout"))?;
+        let aborted = status.aborted(
+            name,
+            "a person asked (steer rollout abort)",
+            jiff::Timestamp::now(),
+        )?;
+        info!(release = name, "rollout aborted by request");
+        inner.book.insert(name.to_string(), aborted.clone());
+        self.publish(&inner.source, &inner.book);
+        inner.pending = true;
+        self.asked.notify_one();
+        Ok(aborted)
+    }
+
     /// Ends the wait of a progressing release's step: the driver samples the figures and runs
     /// its analysis at once (over the step so far; see `RolloutStatus::continued`).
     pub fn continue_now(&self, name: &str) -> Result<RolloutStatus, String> {
@@ -347,7 +374,7 @@ impl Rollouts {
         if changed {
             let config = super::effective(source, book);
             if let Err(err) = applies.apply_effective(config, report.clone()) {
-                warn!(error = %format!("{err:#}"), "resumed rollout not applied");
+                warn!(error = %format!("{err:#}"), "resumed or aborted rollout not applied");
             }
         }
         let due: Vec<String> = book

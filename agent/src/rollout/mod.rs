@@ -47,6 +47,8 @@ pub enum Phase {
     Promoted,
     /// An analysis failed: the release takes no traffic until a person resumes it.
     RolledBack,
+    /// A person stopped it: the release takes no traffic until a person resumes it.
+    Aborted,
 }
 
 /// One release's rollout: kept by the agent (file mode) or in the CanaryRelease's status.
@@ -117,8 +119,35 @@ impl RolloutStatus {
     pub fn share(&self) -> Option<f64> {
         match self.phase {
             Phase::Progressing | Phase::Succeeded => Some(self.percent),
-            Phase::Promoted | Phase::RolledBack => None,
+            Phase::Promoted | Phase::RolledBack | Phase::Aborted => None,
         }
+    }
+
+    /// A person's word to stop the rollout now: the release takes no traffic from the next
+    /// apply on, until resumed. A rollout that is over (promoted) or already out is left.
+    pub fn aborted(
+        &self,
+        release: &str,
+        reason: &str,
+        now: jiff::Timestamp,
+    ) -> Result<RolloutStatus, String> {
+        if !matches!(self.phase, Phase::Progressing | Phase::Succeeded) {
+            return Err(format!(
+                "release `{release}` takes no traffic of its own ({})",
+                self.message
+            ));
+        }
+        Ok(RolloutStatus {
+            phase: Phase::Aborted,
+            percent: 0.0,
+            next_analysis_at: None,
+            message: format!(
+                "aborted at {now:.0} at step {} ({}%): {reason}; resume to start over",
+                self.step + 1,
+                self.percent
+            ),
+            ..self.clone()
+        })
     }
 
     /// Where an analysis takes the rollout: the next step when it passed (or, past the last,
@@ -232,7 +261,7 @@ impl RolloutStatus {
     }
 }
 
-/// A person's word to start a rolled-back release over from its first step.
+/// A person's word to start a rolled-back or aborted release over from its first step.
 pub fn resume(
     release: &Release,
     status: &RolloutStatus,
@@ -242,9 +271,9 @@ pub fn resume(
         .rollout
         .as_ref()
         .ok_or_else(|| format!("release `{}` has no rollout", release.name))?;
-    if status.phase != Phase::RolledBack {
+    if !matches!(status.phase, Phase::RolledBack | Phase::Aborted) {
         return Err(format!(
-            "release `{}` is not rolled back ({})",
+            "release `{}` is not rolled back or aborted ({})",
             release.name, status.message
         ));
     }
@@ -289,7 +318,7 @@ pub fn fitted(
     }
     let percent = match status.phase {
         Phase::Progressing | Phase::Succeeded => rollout.percent_at(status.step),
-        Phase::Promoted | Phase::RolledBack => 0.0,
+        Phase::Promoted | Phase::RolledBack | Phase::Aborted => 0.0,
     };
     RolloutStatus {
         percent,

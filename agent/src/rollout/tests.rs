@@ -449,3 +449,39 @@ fn one_unreadable_status_holds_only_its_release() {
     assert_eq!(phase("android"), Phase::Progressing);
     assert_eq!(phase("android-2"), Phase::RolledBack);
 }
+
+#[test]
+fn an_aborted_rollout_takes_no_traffic_until_resumed() {
+    let config = config();
+    let release = &config.releases[0];
+    let rollout = release.rollout.as_ref().unwrap();
+    let progressing = begin(release, rollout, t(0));
+    let aborted = progressing
+        .aborted("android", "checkout broke", t(30))
+        .unwrap();
+    assert_eq!((aborted.phase, aborted.share()), (Phase::Aborted, None));
+    assert!(
+        aborted.message.contains("checkout broke"),
+        "{}",
+        aborted.message
+    );
+    assert!(!aborted.due(t(1_000)), "no analysis while aborted");
+    let book = Book::from([("android".to_string(), aborted.clone())]);
+    assert!(
+        !effective(&config, &book)
+            .releases
+            .iter()
+            .any(|r| r.name == "android")
+    );
+    // Kept across a reload, and a restart's reconcile.
+    assert_eq!(
+        reconcile(&config, &book, t(40))["android"].phase,
+        Phase::Aborted
+    );
+    let resumed = resume(release, &aborted, t(60)).unwrap();
+    assert_eq!((resumed.phase, resumed.step), (Phase::Progressing, 0));
+    // Nothing to abort once it is out of traffic.
+    assert!(aborted.aborted("android", "again", t(70)).is_err());
+    let rolled_back = progressing.after_analysis(rollout, record(Outcome::Failed), t(120));
+    assert!(rolled_back.aborted("android", "late", t(130)).is_err());
+}
