@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     check::{self, Report},
-    config::Config,
+    config::{Config, Release},
 };
 
 /// What the driver needs of the agent: put a configuration in force, and read the figures.
@@ -250,82 +250,58 @@ impl Rollouts {
             .clone()
     }
 
-    /// Starts a rolled-back release over from its first step (put in force by the driver at
-    /// once).
+    /// Starts a rolled-back or aborted release over from its first step (put in force by the
+    /// driver at once).
     pub fn resume(&self, name: &str) -> Result<RolloutStatus, String> {
-        if !self.drives {
-            return Err(format!(
-                "rollouts are kept in the cluster: resume `{name}` on its CanaryRelease \
-                 (README: progressive rollout)"
-            ));
-        }
-        let mut inner = self.lock();
-        let release = inner
-            .source
-            .releases
-            .iter()
-            .find(|r| r.name == name)
-            .ok_or_else(|| format!("no release `{name}`"))?;
-        let status = inner
-            .book
-            .get(name)
-            .ok_or_else(|| format!("release `{name}` has no rollout"))?;
-        let resumed = super::resume(release, status, jiff::Timestamp::now())?;
-        info!(release = name, "rollout resumed by request");
-        inner.book.insert(name.to_string(), resumed.clone());
-        self.publish(&inner.source, &inner.book);
-        inner.pending = true;
-        self.asked.notify_one();
-        Ok(resumed)
+        self.ask(name, "resume", true, |release, status, now| {
+            super::resume(release, status, now)
+        })
     }
 
     /// Stops a release's rollout now: it takes no traffic (put in force by the driver at once)
     /// until resumed.
     pub fn abort(&self, name: &str) -> Result<RolloutStatus, String> {
-        if !self.drives {
-            return Err(format!(
-                "rollouts are kept in the cluster: abort `{name}` on its CanaryRelease \
-                 (README: progressive rollout)"
-            ));
-        }
-        let mut inner = self.lock();
-        let status = inner
-            .book
-            .get(name)
-            .ok_or_else(|| format!("release `{name}` has no rollout"))?;
-        let aborted = status.aborted(
-            name,
-            "a person asked (steer rollout abort)",
-            jiff::Timestamp::now(),
-        )?;
-        info!(release = name, "rollout aborted by request");
-        inner.book.insert(name.to_string(), aborted.clone());
-        self.publish(&inner.source, &inner.book);
-        inner.pending = true;
-        self.asked.notify_one();
-        Ok(aborted)
+        self.ask(name, "abort", true, |release, status, now| {
+            status.aborted(&release.name, "a person asked (steer rollout abort)", now)
+        })
     }
 
     /// Ends the wait of a progressing release's step: the driver samples the figures and runs
     /// its analysis at once (over the step so far; see `RolloutStatus::continued`).
     pub fn continue_now(&self, name: &str) -> Result<RolloutStatus, String> {
+        self.ask(name, "continue", false, |release, status, now| {
+            status.continued(&release.name, now)
+        })
+    }
+
+    /// A person's word (`word`) on release `name`'s rollout: `change` gives its new status,
+    /// which the driver acts on at once (and puts in force, when `reroutes`).
+    fn ask(
+        &self,
+        name: &str,
+        word: &str,
+        reroutes: bool,
+        change: impl FnOnce(&Release, &RolloutStatus, jiff::Timestamp) -> Result<RolloutStatus, String>,
+    ) -> Result<RolloutStatus, String> {
         if !self.drives {
             return Err(format!(
-                "rollouts are kept in the cluster: continue `{name}` on its CanaryRelease \
+                "rollouts are kept in the cluster: {word} `{name}` on its CanaryRelease \
                  (README: progressive rollout)"
             ));
         }
         let mut inner = self.lock();
-        let status = inner
-            .book
-            .get(name)
-            .ok_or_else(|| format!("release `{name}` has no rollout"))?;
-        let continued = status.continued(name, jiff::Timestamp::now())?;
-        info!(release = name, "rollout continued by request: analysis now");
-        inner.book.insert(name.to_string(), continued.clone());
+        let release = (inner.source.releases.iter())
+            .find(|r| r.name == name)
+            .ok_or_else(|| format!("no release `{name}`"))?;
+        let status =
+            (inner.book.get(name)).ok_or_else(|| format!("release `{name}` has no rollout"))?;
+        let changed = change(release, status, jiff::Timestamp::now())?;
+        info!(release = name, word, "rollout: a person's word");
+        inner.book.insert(name.to_string(), changed.clone());
         self.publish(&inner.source, &inner.book);
+        inner.pending |= reroutes;
         self.asked.notify_one();
-        Ok(continued)
+        Ok(changed)
     }
 
     /// What to sample while some rollout is progressing.
