@@ -21,6 +21,7 @@ mod body;
 mod edges;
 mod error;
 mod forward;
+pub mod h1;
 mod headers;
 mod l4;
 mod pool;

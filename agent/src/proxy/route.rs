@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, Request};
+use http::Request;
 
 use super::{
     Listener,
@@ -23,7 +23,7 @@ use super::{
     stamp::{self, VerifyStamp},
 };
 use crate::{
-    rules::CompiledRelease,
+    rules::{CompiledRelease, Tags},
     state::{ServiceRoutes, Snapshot, VersionRoutes},
 };
 
@@ -45,14 +45,50 @@ pub struct Route<'s> {
     pub decided: bool,
 }
 
+/// What the decision reads of a request, whichever codec parsed it (hyper's `Request`, or
+/// the HTTP/1 path's head).
+pub trait RequestView {
+    /// The authority of the target: an absolute-form target's, or HTTP/2's `:authority`.
+    fn authority(&self) -> Option<&str>;
+    /// The Host header.
+    fn host(&self) -> Option<&str>;
+    fn path(&self) -> &str;
+    fn stamp(&self) -> Option<stamp::Incoming<'_>>;
+    fn tags(&self) -> &dyn Tags;
+}
+
+impl<B> RequestView for Request<B> {
+    fn authority(&self) -> Option<&str> {
+        self.uri().authority().map(|a| a.as_str())
+    }
+
+    fn host(&self) -> Option<&str> {
+        self.headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    }
+
+    fn path(&self) -> &str {
+        self.uri().path()
+    }
+
+    fn stamp(&self) -> Option<stamp::Incoming<'_>> {
+        stamp::read(self.headers())
+    }
+
+    fn tags(&self) -> &dyn Tags {
+        self.headers()
+    }
+}
+
 /// Decides the route of `request`. `connected` is the service the client's connection was
 /// redirected to (from the datapath), if any.
-pub fn route<'s, B>(
+pub fn route<'s>(
     snapshot: &'s Snapshot,
     listener: Listener,
     connected: Option<&Arc<str>>,
     keys: &impl VerifyStamp,
-    request: &Request<B>,
+    request: &(impl RequestView + ?Sized),
 ) -> Result<Route<'s>, ProxyError> {
     let service = match connected {
         Some(name) => snapshot
@@ -60,14 +96,13 @@ pub fn route<'s, B>(
             .ok_or_else(|| ProxyError::UnknownService(name.clone()))?,
         None => service_from_request(snapshot, listener, request).ok_or(ProxyError::NoService)?,
     };
-    let headers: &HeaderMap = request.headers();
     let inside_mesh = listener == Listener::Redirect && connected.is_some();
-    let incoming = stamp::read(headers);
+    let incoming = request.stamp();
     let verified = incoming.filter(|s| inside_mesh && keys.verify(s.release, s.signature));
     let release = match verified {
         // A retired release: primary, and the stamp is left as it came.
         Some(stamp) => snapshot.rules.get(stamp.release),
-        None => snapshot.rules.decide(headers),
+        None => snapshot.rules.decide(request.tags()),
     };
     Ok(Route {
         service,
@@ -81,23 +116,18 @@ pub fn route<'s, B>(
 
 /// The service a request is for when its connection did not say: the gateway's routes, or a
 /// Host naming a service (by name, or one of its addresses).
-fn service_from_request<'s, B>(
+fn service_from_request<'s>(
     snapshot: &'s Snapshot,
     listener: Listener,
-    request: &Request<B>,
+    request: &(impl RequestView + ?Sized),
 ) -> Option<&'s ServiceRoutes> {
-    let host = request
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| request.uri().authority().map(|a| a.as_str()))
-        .unwrap_or("");
+    let host = request.host().or_else(|| request.authority()).unwrap_or("");
     if host.len() > MAX_HOST_LEN {
         return None;
     }
     let bare_host = host.rsplit_once(':').map_or(host, |(h, _)| h);
     if listener == Listener::Gateway {
-        let path = request.uri().path();
+        let path = request.path();
         let routed = snapshot.config.gateway.routes.iter().find(|route| {
             route
                 .host
