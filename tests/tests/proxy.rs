@@ -1045,3 +1045,43 @@ fn keep_alive_clients_under_load_lose_no_request_across_a_sigterm() {
     );
     assert_eq!(failures, "[]", "requests failed across the SIGTERM: {said}");
 }
+
+/// Issue 26, item 0: a client that breaks its own request body, or sends it slower than the
+/// request timeout, must not be able to make a version look failing (a rollout's analysis
+/// reads the versions' 5xx). Its answer is 400 or 408, counted under a reason of its own.
+#[test]
+fn a_broken_or_slow_request_body_is_the_clients_failure_not_the_versions() {
+    let scenario = with_restaurant(|restaurant| {
+        restaurant.request_timeout = Some(Duration::from_secs(1));
+    });
+    // The version answers only after a while: the body breaks off before it does.
+    let broken = exchange(
+        scenario.gateway,
+        b"POST /?sleep=3000 HTTP/1.1\r\nhost: restaurant\r\ntransfer-encoding: chunked\r\n\r\n\
+          5\r\nhello\r\nZZZ",
+    );
+    assert!(broken.starts_with("HTTP/1.1 400"), "{broken}");
+    // Half of a 10-byte body, then nothing: the request timeout ends the wait.
+    let mut slow = TcpStream::connect(scenario.gateway).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(
+        b"POST /?sleep=3000 HTTP/1.1\r\nhost: restaurant\r\ncontent-length: 10\r\n\r\nhello",
+    )
+    .unwrap();
+    let mut answer = [0u8; 512];
+    let n = slow.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    let metrics = http::get(scenario.admin, "/metrics", &[]).unwrap().body;
+    for reason in ["client_body", "client_timeout"] {
+        let line = format!("steer_request_errors_total{{reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+    let failing: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("steer_requests_total{") && l.contains("code=\"5xx\""))
+        .collect();
+    assert!(failing.is_empty(), "{failing:?}");
+}

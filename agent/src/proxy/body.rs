@@ -2,6 +2,7 @@
 //! allocation per response, and the pooled HTTP/1 case can drive its upstream connection.
 
 use std::{
+    cell::Cell,
     net::SocketAddr,
     pin::Pin,
     rc::Rc,
@@ -25,6 +26,51 @@ pub enum ProxyBody {
 impl ProxyBody {
     pub fn text(text: String) -> ProxyBody {
         ProxyBody::Text(Some(Bytes::from(text)))
+    }
+}
+
+/// A client's request body on its way to an HTTP/1.1 upstream, telling whether it has been
+/// read to its end: a request timeout before then is the client's (408), after it the
+/// upstream's (504).
+pub struct ClientBody {
+    body: Incoming,
+    ended: Rc<Cell<bool>>,
+}
+
+impl ClientBody {
+    /// The body, and whether it has ended.
+    pub fn new(body: Incoming) -> (ClientBody, Rc<Cell<bool>>) {
+        let ended = Rc::new(Cell::new(body.is_end_stream()));
+        let body = ClientBody {
+            body,
+            ended: ended.clone(),
+        };
+        (body, ended)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        if frame.is_none() || this.body.is_end_stream() {
+            this.ended.set(true);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -38,6 +38,16 @@ pub enum ProxyError {
     },
     #[error("{endpoint} did not answer in time")]
     Timeout { endpoint: SocketAddr },
+    /// The client's request body broke off or was malformed: the client's failure, never
+    /// counted against the version.
+    #[error("the request body could not be read: {cause}")]
+    ClientBody { cause: String },
+    /// The client sent its request body slower than the service's request timeout.
+    #[error("the request body did not arrive within the request timeout")]
+    ClientTimeout,
+    /// The upstream answered 101 to a request that asked for no upgrade.
+    #[error("{endpoint} switched protocols unasked")]
+    UnaskedUpgrade { endpoint: SocketAddr },
 }
 
 impl ProxyError {
@@ -47,8 +57,12 @@ impl ProxyError {
             ProxyError::NoEndpoint { .. } | ProxyError::Unreachable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamFailed { .. } | ProxyError::UnaskedUpgrade { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -61,6 +75,9 @@ impl ProxyError {
             ProxyError::Unreachable { .. } => "connect_failed",
             ProxyError::UpstreamFailed { .. } => "upstream_failed",
             ProxyError::Timeout { .. } => "timeout",
+            ProxyError::ClientBody { .. } => "client_body",
+            ProxyError::ClientTimeout => "client_timeout",
+            ProxyError::UnaskedUpgrade { .. } => "unasked_upgrade",
         }
     }
 }
@@ -104,6 +121,21 @@ mod tests {
                 },
                 504,
                 "timeout",
+            ),
+            (
+                ProxyError::ClientBody {
+                    cause: "invalid chunk size".into(),
+                },
+                400,
+                "client_body",
+            ),
+            (ProxyError::ClientTimeout, 408, "client_timeout"),
+            (
+                ProxyError::UnaskedUpgrade {
+                    endpoint: "10.0.0.1:80".parse().unwrap(),
+                },
+                502,
+                "unasked_upgrade",
             ),
         ];
         for (error, status, label) in cases {

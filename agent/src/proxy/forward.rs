@@ -12,7 +12,7 @@ use tracing::debug;
 use super::{
     Listener,
     balance::pick,
-    body::{PooledBody, ProxyBody},
+    body::{ClientBody, PooledBody, ProxyBody},
     edges::Caller,
     error::{ProxyError, fail_to_proxy},
     headers::{prepare_uri, remove_hop_by_hop},
@@ -130,6 +130,9 @@ async fn forward(
     let (endpoint, mut conn) = connect(route, |e| pool.http1(e)).await?;
     let _in_flight = endpoint.start();
     let address = endpoint.address;
+    let (head, body) = request.into_parts();
+    let (body, body_ended) = ClientBody::new(body);
+    let request = Request::from_parts(head, body);
     let response = tokio::time::timeout(timeout, async {
         match conn.send(request).await {
             Ok(response) => Ok(response),
@@ -150,7 +153,17 @@ async fn forward(
         }
     })
     .await
-    .map_err(|_| ProxyError::Timeout { endpoint: address })??;
+    .map_err(|_| {
+        // Still waiting for the client's body: the client is the slow one.
+        if body_ended.get() {
+            ProxyError::Timeout { endpoint: address }
+        } else {
+            ProxyError::ClientTimeout
+        }
+    })??;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ProxyError::UnaskedUpgrade { endpoint: address });
+    }
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers, false);
     let body = PooledBody::new(body, conn, address, worker.pool.clone());
@@ -204,7 +217,19 @@ fn unreachable(route: &Route, cause: anyhow::Error) -> ProxyError {
     }
 }
 
+/// A failed exchange: the upstream's failure, unless what failed was reading the client's
+/// own request body (hyper reports that as an error of the body it was given).
 fn upstream_failed(endpoint: SocketAddr, cause: hyper::Error) -> ProxyError {
+    use std::error::Error as _;
+    if cause.is_user()
+        && let Some(client) = cause
+            .source()
+            .and_then(|s| s.downcast_ref::<hyper::Error>())
+    {
+        return ProxyError::ClientBody {
+            cause: client.to_string(),
+        };
+    }
     ProxyError::UpstreamFailed { endpoint, cause }
 }
 
