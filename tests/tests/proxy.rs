@@ -1085,3 +1085,135 @@ fn a_broken_or_slow_request_body_is_the_clients_failure_not_the_versions() {
         .collect();
     assert!(failing.is_empty(), "{failing:?}");
 }
+
+/// Issue 26, item 6: HTTP/2 connections fall under the idle timeout too, from the accept for
+/// one that never completes its preface, after its last request for one that went quiet.
+#[test]
+fn silent_http2_connections_and_incomplete_prefaces_are_closed_after_the_idle_timeout() {
+    let mut scenario = food_delivery();
+    scenario.agent_args = vec!["--idle-timeout".into(), "1".into()];
+    scenario.start_agent().unwrap();
+    let mut partial = TcpStream::connect(scenario.gateway).unwrap();
+    partial.write_all(b"PRI * HTTP/2.0").unwrap();
+    // The whole preface and an empty SETTINGS frame, then nothing.
+    let mut silent = TcpStream::connect(scenario.gateway).unwrap();
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    let started = Instant::now();
+    assert!(
+        closed_within(&mut partial, Duration::from_secs(6)),
+        "incomplete preface kept"
+    );
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(6)),
+        "silent HTTP/2 connection kept"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    // HTTP/2 requests that come in time are served as before.
+    let out = scenario
+        .node
+        .pod("order-v1")
+        .exec(Command::new("curl").args([
+            "-s",
+            "--http2-prior-knowledge",
+            &format!("http://{}/", restaurant(&scenario)),
+        ]))
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("restaurant"),
+        "{out:?}"
+    );
+}
+
+/// A misbehaving upstream in the restaurant pod: `/switch` answers 101 though nothing asked
+/// for an upgrade; anything else sends a head promising 1,000 bytes, 10 of them, then nothing.
+const MISBEHAVING_UPSTREAM: &str = "\
+import socket, threading, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 9000))
+s.listen(16)
+def serve(c):
+    head = b''
+    while b'\\r\\n\\r\\n' not in head:
+        data = c.recv(4096)
+        if not data:
+            return
+        head += data
+    if b'/switch' in head.split(b'\\r\\n')[0]:
+        c.sendall(b'HTTP/1.1 101 Switching Protocols\\r\\nconnection: upgrade\\r\\nupgrade: x\\r\\n\\r\\n')
+    else:
+        c.sendall(b'HTTP/1.1 200 OK\\r\\ncontent-length: 1000\\r\\n\\r\\n' + b'x' * 10)
+    time.sleep(60)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+";
+
+/// Issue 26, item 8: an upstream that stops in the middle of a body is cut off after
+/// `--upstream-read-timeout`, and an unasked 101 is a 502, not a bare 101 for the client.
+#[test]
+fn an_upstream_stalling_mid_body_is_cut_off_and_an_unasked_101_is_a_502() {
+    let mut scenario = food_delivery();
+    scenario.agent_args = vec!["--upstream-read-timeout".into(), "1".into()];
+    scenario.start_agent().unwrap();
+    let pod = scenario.node.pod("restaurant-v1");
+    let _upstream = pod
+        .spawn(Command::new("python3").args(["-c", MISBEHAVING_UPSTREAM]))
+        .unwrap();
+    let mut config = scenario.config.clone();
+    let restaurant_v1 = &mut config
+        .services
+        .iter_mut()
+        .find(|s| s.name == "restaurant")
+        .unwrap()
+        .versions[0];
+    restaurant_v1.endpoints = vec![SocketAddr::new(pod.ip.into(), 9000)];
+    scenario.apply(&config).unwrap();
+
+    // Until the server listens, the connect is refused (503).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let switched = loop {
+        let answer = exchange(
+            scenario.gateway,
+            b"GET /switch HTTP/1.1\r\nhost: restaurant\r\nconnection: close\r\n\r\n",
+        );
+        if !answer.starts_with("HTTP/1.1 503") || Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(switched.starts_with("HTTP/1.1 502"), "{switched}");
+
+    let mut stalled = TcpStream::connect(scenario.gateway).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stalled
+        .write_all(b"GET /stall HTTP/1.1\r\nhost: restaurant\r\n\r\n")
+        .unwrap();
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stalled.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&chunk[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(err) => panic!(
+                "still open: {err} after {:?}",
+                String::from_utf8_lossy(&received)
+            ),
+        }
+    }
+    let received = String::from_utf8_lossy(&received);
+    assert!(received.starts_with("HTTP/1.1 200"), "{received}");
+    assert!(
+        received.ends_with("xxxxxxxxxx"),
+        "cut off after the 10 bytes: {received}"
+    );
+}

@@ -3,10 +3,12 @@
 
 use std::{
     cell::Cell,
+    future::Future,
     net::SocketAddr,
     pin::Pin,
     rc::Rc,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -32,6 +34,7 @@ impl ProxyBody {
 /// A client's request body on its way to an HTTP/1.1 upstream, telling whether it has been
 /// read to its end: a request timeout before then is the client's (408), after it the
 /// upstream's (504).
+#[derive(Debug)]
 pub struct ClientBody {
     body: Incoming,
     ended: Rc<Cell<bool>>,
@@ -81,7 +84,22 @@ impl Body for ClientBody {
 pub struct PooledBody {
     body: Incoming,
     upstream: Option<Upstream>,
+    /// The longest silence between body bytes, and its timer (made the first time the body
+    /// has to wait: most bodies arrive with their head).
+    read_timeout: Duration,
+    silence: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// An upstream that stopped sending in the middle of a response body: the response is cut
+/// off (its head is already on its way to the client).
+#[derive(Debug, thiserror::Error)]
+#[error("{endpoint} sent nothing for {timeout:?} in the middle of a response body")]
+pub struct BodyReadTimeout {
+    endpoint: SocketAddr,
+    timeout: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 struct Upstream {
     conn: Http1Conn,
@@ -90,7 +108,13 @@ struct Upstream {
 }
 
 impl PooledBody {
-    pub fn new(body: Incoming, conn: Http1Conn, endpoint: SocketAddr, pool: Rc<Pool>) -> Self {
+    pub fn new(
+        body: Incoming,
+        conn: Http1Conn,
+        endpoint: SocketAddr,
+        pool: Rc<Pool>,
+        read_timeout: Duration,
+    ) -> Self {
         PooledBody {
             body,
             upstream: Some(Upstream {
@@ -98,6 +122,34 @@ impl PooledBody {
                 endpoint,
                 pool,
             }),
+            read_timeout,
+            silence: None,
+        }
+    }
+
+    /// The next frame, or an error once the upstream has been silent for `read_timeout`.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let Some(silence) = &mut self.silence {
+                    silence
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.read_timeout);
+                }
+                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+            }
+            Poll::Pending => {
+                let timeout = self.read_timeout;
+                let silence = self
+                    .silence
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                ready!(silence.as_mut().poll(cx));
+                let endpoint = self
+                    .upstream
+                    .as_ref()
+                    .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |u| u.endpoint);
+                Poll::Ready(Some(Err(Box::new(BodyReadTimeout { endpoint, timeout }))))
+            }
         }
     }
 
@@ -119,20 +171,22 @@ impl Drop for PooledBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Text(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
-            ProxyBody::Streamed(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Streamed(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map_err(BoxError::from))),
             ProxyBody::Pooled(pooled) => {
                 if let Some(upstream) = &mut pooled.upstream {
                     upstream.conn.drive(cx);
                 }
-                let frame = ready!(Pin::new(&mut pooled.body).poll_frame(cx));
+                let frame = ready!(pooled.poll_body(cx));
                 match &frame {
                     None => pooled.release(),
                     Some(Ok(_)) if pooled.body.is_end_stream() => pooled.release(),

@@ -166,7 +166,8 @@ async fn forward(
     }
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers, false);
-    let body = PooledBody::new(body, conn, address, worker.pool.clone());
+    let read_timeout = worker.shared.limits.upstream_read_timeout;
+    let body = PooledBody::new(body, conn, address, worker.pool.clone(), read_timeout);
     Ok(Response::from_parts(parts, ProxyBody::Pooled(body)))
 }
 

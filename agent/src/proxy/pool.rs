@@ -285,6 +285,7 @@ mod tests {
                         conn,
                         endpoint,
                         pool,
+                        Duration::from_secs(60),
                     );
                     Ok::<_, Infallible>(Response::new(super::super::body::ProxyBody::Pooled(body)))
                 }
