@@ -141,7 +141,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
-    /// Progressive rollouts: where they stand, resume a rolled-back one, promote a finished one.
+    /// Progressive rollouts: where they stand, resume a rolled-back one, end a step's wait, promote
+    /// a finished one.
     Rollout {
         #[command(subcommand)]
         command: RolloutCommand,
@@ -168,6 +169,14 @@ enum RolloutCommand {
     /// Start a rolled-back release over from its first step (file mode; on Kubernetes,
     /// resume on the CanaryRelease).
     Resume {
+        release: String,
+        #[arg(long, default_value_t = crate::admin::default_address())]
+        admin: std::net::SocketAddr,
+    },
+    /// End the wait of a progressing release's step: its analysis runs now, over the step so
+    /// far, and moves it on when it passes (file mode; on Kubernetes, the annotation
+    /// steer.dev/rollout-continue on the CanaryRelease).
+    Continue {
         release: String,
         #[arg(long, default_value_t = crate::admin::default_address())]
         admin: std::net::SocketAddr,
@@ -455,6 +464,12 @@ fn run_rollout(command: RolloutCommand) -> ExitCode {
             let path = format!("/rollouts/{}/resume", crate::client::url_encode(&release));
             admin_call(admin, http::Method::POST, &path).map(|_| {
                 println!("resumed `{release}`: its first step is in force");
+            })
+        }
+        RolloutCommand::Continue { release, admin } => {
+            let path = format!("/rollouts/{}/continue", crate::client::url_encode(&release));
+            admin_call(admin, http::Method::POST, &path).map(|_| {
+                println!("continued `{release}`: its analysis runs now");
             })
         }
         RolloutCommand::Promote {

@@ -116,8 +116,12 @@ impl ApiServer {
     }
 
     /// Adds or replaces an object, as a controller or a user would.
-    pub fn put(&self, mut object: Value) {
+    pub fn put(&self, object: Value) {
         let mut state = self.state.lock().unwrap();
+        self.replace(&mut state, object);
+    }
+
+    fn replace(&self, state: &mut State, mut object: Value) {
         state.resource_version += 1;
         let version = state.resource_version;
         object["metadata"]["resourceVersion"] = json!(version.to_string());
@@ -132,7 +136,19 @@ impl ApiServer {
         } else {
             "ADDED"
         };
-        self.record(&mut state, collection, version, kind, object);
+        self.record(state, collection, version, kind, object);
+    }
+
+    /// Sets an annotation of an object as `kubectl annotate` does: the rest of the object,
+    /// its status included, stays as the server holds it at that moment.
+    pub fn annotate(&self, kind: &str, namespace: &str, name: &str, key: &str, value: &str) {
+        let mut state = self.state.lock().unwrap();
+        let mut object = (state.objects.get(collection(kind)))
+            .and_then(|objects| objects.get(&(namespace.to_string(), name.to_string())))
+            .cloned()
+            .expect("annotating an object that exists");
+        object["metadata"]["annotations"][key] = json!(value);
+        self.replace(&mut state, object);
     }
 
     pub fn delete(&self, kind: &str, namespace: &str, name: &str) {

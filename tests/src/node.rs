@@ -217,7 +217,7 @@ impl Process {
             for _ in lines {}
         });
         let process = Process { child };
-        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
             Ok(true) => Ok(process),
             _ => bail!("{:?} did not become ready", command.get_program()),
         }

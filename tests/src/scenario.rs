@@ -302,7 +302,12 @@ impl Scenario {
             .args(["--gateway", &self.gateway.to_string()])
             .args(["--admin", &self.admin.to_string()])
             .args(["--cgroup", &self.node.cgroup.display().to_string()])
-            .args(["--drain-grace", "5"])
+            .args(
+                (!self.agent_args.iter().any(|a| a == "--drain-grace"))
+                    .then_some(["--drain-grace", "5"])
+                    .into_iter()
+                    .flatten(),
+            )
             // The bed's own key (a --kubernetes agent needs one given).
             .arg("--stamp-key")
             .arg(self.config_path.with_file_name("stamp.key"))
@@ -325,7 +330,7 @@ impl Scenario {
             {
                 bail!("steer run exited: {status}");
             }
-            if started.elapsed() > Duration::from_secs(10) {
+            if started.elapsed() > Duration::from_secs(60) {
                 bail!("steer run did not become ready");
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -343,7 +348,7 @@ impl Scenario {
         loop {
             match self.request(entry, &[]) {
                 Ok(hop) if hop.flatten().iter().all(|h| h.error.is_none()) => return Ok(()),
-                Ok(_) | Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                Ok(_) | Err(_) if started.elapsed() < Duration::from_secs(60) => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 Ok(hop) => bail!("the workload does not answer: {hop:?}"),
@@ -363,7 +368,7 @@ impl Scenario {
             if serde_json::from_str::<serde_json::Value>(&reply.body).ok() == Some(want.clone()) {
                 return Ok(started.elapsed());
             }
-            if started.elapsed() > Duration::from_secs(5) {
+            if started.elapsed() > Duration::from_secs(60) {
                 bail!("the agent did not apply the new configuration");
             }
             std::thread::sleep(Duration::from_millis(5));

@@ -169,14 +169,15 @@ fn killing_the_agent_fails_open_and_restarting_it_redirects_again() {
     );
     agent.signal(libc::SIGKILL).unwrap();
     let killed = Instant::now();
-    // New connections reach the service the kube-proxy way within a second.
+    // New connections reach the service the kube-proxy way: at once (the kernel drops the
+    // links with the process's last descriptor); the bound is for a busy machine.
     loop {
         let said = connect_from(&bed.node, "client", bed.service).1;
         if said == "kube-proxy-path" {
             break;
         }
         assert!(
-            killed.elapsed() < Duration::from_secs(1),
+            killed.elapsed() < Duration::from_secs(30),
             "still redirected: {said}"
         );
         std::thread::sleep(Duration::from_millis(20));

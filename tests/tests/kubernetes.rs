@@ -55,7 +55,7 @@ impl Applied {
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(20), wait)
+        tokio::time::timeout(Duration::from_secs(120), wait)
             .await
             .unwrap_or_else(|_| panic!("no configuration where {what}"))
     }
@@ -449,7 +449,7 @@ fn steer_run_kubernetes_routes_the_seed_from_cluster_objects() {
     let started = Instant::now();
     while route(&scenario, &[ANDROID, ATLANTIS]).1 != release("blue") {
         assert!(
-            started.elapsed() < Duration::from_secs(5),
+            started.elapsed() < Duration::from_secs(60),
             "red's deletion never took effect"
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -485,7 +485,7 @@ fn steer_run_kubernetes_routes_the_seed_from_cluster_objects() {
             break row;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(5),
+            started.elapsed() < Duration::from_secs(60),
             "rival never listed: {state}"
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -547,7 +547,7 @@ fn a_pod_annotated_out_of_redirection_takes_the_kube_proxy_path() {
     let wait_until = |want: bool, what: &str| {
         let started = Instant::now();
         while redirected() != want {
-            assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+            assert!(started.elapsed() < Duration::from_secs(60), "{what}");
             std::thread::sleep(Duration::from_millis(50));
         }
     };
@@ -610,7 +610,7 @@ async fn many_releases_are_written_once_paced_and_survive_a_relist() {
         "{}",
         config.releases.len()
     );
-    let took = until_written(&server, RELEASES_N, start, Duration::from_secs(30)).await;
+    let took = until_written(&server, RELEASES_N, start, Duration::from_secs(120)).await;
     // 250 a second at most: 400 take 1.6 s at least.
     assert!(
         took >= Duration::from_millis(1_500),

@@ -106,13 +106,12 @@ fn a_version_slower_than_its_service_request_timeout_answers_504() {
         restaurant.request_timeout = Some(Duration::from_millis(400));
     });
     let url = |sleep: u32| format!("http://{}/?sleep={sleep}", restaurant(&scenario));
-    let started = Instant::now();
-    let out = curl_from_order(&scenario, &["-i", &url(3000)]);
-    let took = started.elapsed();
+    // The version would answer after 30 s; the client gives up after 10: a 504 at all is the
+    // proxy's timeout (no bound on how fast a busy machine gives it).
+    let out = curl_from_order(&scenario, &["-i", &url(30_000)]);
     assert!(out.starts_with("HTTP/1.1 504"), "{out}");
     assert!(out.contains("did not answer in time"), "{out}");
     assert!(out.contains("x-steer-version: v1"), "{out}");
-    assert!(took < Duration::from_millis(2500), "took {took:?}");
     let out = curl_from_order(&scenario, &["-i", &url(50)]);
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
@@ -147,11 +146,8 @@ fn an_endpoint_that_never_answers_the_connect_times_out_with_503() {
     let took = started.elapsed();
     assert!(out.starts_with("HTTP/1.1 503"), "{out}");
     assert!(out.contains("timed out"), "{out}");
-    // The pool's connect timeout is 2 s; the client gave 10.
-    assert!(
-        took > Duration::from_millis(1500) && took < Duration::from_secs(5),
-        "took {took:?}"
-    );
+    // The pool's connect timeout is 2 s (the client gave 10: an answer at all is the pool's).
+    assert!(took > Duration::from_millis(1500), "took {took:?}");
 }
 
 #[test]
@@ -460,11 +456,12 @@ fn live_reloads_under_load_drop_nothing_and_invalid_edits_keep_serving() {
     let mut without_red = original.clone();
     without_red.releases.retain(|r| r.name != "red");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let load = {
         let gateway = scenario.gateway;
         let stop = stop.clone();
+        let answered = answered.clone();
         std::thread::spawn(move || {
-            let mut answered = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let reply = http::get(
                     gateway,
@@ -492,30 +489,46 @@ fn live_reloads_under_load_drop_nothing_and_invalid_edits_keep_serving() {
                 );
                 let first = hop.release.clone();
                 assert!(hop.flatten().iter().all(|h| h.release == first), "{hop:?}");
-                answered += 1;
+                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            answered
         })
     };
-    let mut slowest = Duration::ZERO;
+    // Requests answered since `before`, waited for: traffic between every two reloads.
+    let answered_since = |before: usize| {
+        let started = Instant::now();
+        while answered.load(std::sync::atomic::Ordering::Relaxed) < before + 2 {
+            assert!(!load.is_finished(), "the load stopped: a request failed");
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no requests answered"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
     for round in 0..10 {
         let config = if round % 2 == 0 {
             &without_red
         } else {
             &original
         };
-        slowest = slowest.max(scenario.apply(config).unwrap());
+        let before = answered.load(std::sync::atomic::Ordering::Relaxed);
+        scenario.apply(config).unwrap();
+        answered_since(before);
     }
     // A broken edit is rejected; the previous configuration keeps serving.
     std::fs::write(&scenario.config_path, "releases: [ this is not yaml").unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    while !http::get(scenario.admin, "/metrics", &[])
+        .unwrap()
+        .body
+        .contains("steer_config_reloads_total{result=\"rejected\"} 1")
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "not rejected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    answered_since(answered.load(std::sync::atomic::Ordering::Relaxed));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let answered = load.join().expect("no request failed during reloads");
-    assert!(answered > 10, "only {answered} requests during the reloads");
-    assert!(
-        slowest < Duration::from_secs(1),
-        "a reload took {slowest:?}"
-    );
+    load.join().expect("no request failed during reloads");
     let path = scenario
         .request(
             "order",
@@ -538,7 +551,16 @@ fn sigterm_drains_in_flight_requests_then_exits() {
     let slow = std::thread::spawn(move || {
         http::get(gateway, "/?sleep=800", &[("host", "order")]).unwrap()
     });
-    std::thread::sleep(Duration::from_millis(200));
+    // In flight: its connection is open at the agent.
+    let started = Instant::now();
+    while !http::get(scenario.admin, "/metrics", &[])
+        .unwrap()
+        .body
+        .contains("steer_client_connections 1\n")
+    {
+        assert!(started.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let agent = scenario.agent.as_mut().unwrap();
     let pid = agent.id() as i32;
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -549,7 +571,7 @@ fn sigterm_drains_in_flight_requests_then_exits() {
         reply.body
     );
     // Within the drain grace (5 s) and the time to detach the programs.
-    let exited = exit_within(agent, Duration::from_millis(8000));
+    let exited = exit_within(agent, Duration::from_secs(60));
     assert!(
         exited.is_some_and(|s| s.success()),
         "steer exits cleanly after draining: {exited:?}"
@@ -663,7 +685,9 @@ fn a_file_edited_in_place_is_applied_only_once_it_is_whole() {
         std::thread::spawn(move || {
             let mut failures = Vec::new();
             let mut answered = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // Until the edits are over and (however slow the machine) a few dozen requests
+            // were answered.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || answered <= 20 {
                 let reply = http::get(gateway, "/", &[("host", "order")]).unwrap();
                 let hop: Option<Hop> = serde_json::from_str(&reply.body).ok();
                 let path = hop.as_ref().map(Hop::path);
@@ -691,10 +715,11 @@ fn a_file_edited_in_place_is_applied_only_once_it_is_whole() {
         drop(file);
         std::thread::sleep(Duration::from_millis(4));
     }
+    // The watcher's last look at the file, with traffic.
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (answered, failures) = load.join().unwrap();
-    assert!(answered > 20, "only {answered} requests during the edits");
+    assert!(answered > 20, "only {answered} requests");
     assert!(
         failures.is_empty(),
         "{} failed: {:?}",
@@ -752,28 +777,62 @@ fn slow_senders_and_idle_keep_alive_connections_are_closed_after_the_idle_timeou
     let mut scenario = food_delivery();
     scenario.agent_args = vec!["--idle-timeout".into(), "1".into()];
     scenario.start_agent().unwrap();
+    let started = Instant::now();
     // Slowloris: half a request head, then silence.
     let mut slow = TcpStream::connect(scenario.gateway).unwrap();
     slow.write_all(b"GET / HTTP/1.1\r\nhost: order\r\nx-device: and")
         .unwrap();
+    // Slowloris that trickles: a byte of its head every 200 ms, never the end of it. Closed at
+    // the timeout all the same (as nginx's client_header_timeout): the timer does not start
+    // over with each byte.
+    let mut trickle = TcpStream::connect(scenario.gateway).unwrap();
+    trickle
+        .write_all(b"GET / HTTP/1.1\r\nhost: order\r\nx-device: a")
+        .unwrap();
+    let mut trickling = trickle.try_clone().unwrap();
+    let trickler = std::thread::spawn(move || {
+        let began = Instant::now();
+        while began.elapsed() < Duration::from_secs(40) && trickling.write_all(b"a").is_ok() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
     // A keep-alive client that went quiet after its request.
     let mut idle = TcpStream::connect(scenario.gateway).unwrap();
     idle.write_all(b"GET / HTTP/1.1\r\nhost: order\r\n\r\n")
         .unwrap();
-    let started = Instant::now();
-    assert!(
-        closed_within(&mut slow, Duration::from_secs(4)),
-        "slow sender kept"
-    );
-    assert!(
-        closed_within(&mut idle, Duration::from_secs(4)),
-        "idle connection kept"
-    );
+    // Bounds for a busy machine: what counts is that each is closed, and not before its time.
+    for (name, stream) in [
+        ("slow sender", &mut slow),
+        ("trickling sender", &mut trickle),
+        ("idle connection", &mut idle),
+    ] {
+        assert!(
+            closed_within(stream, Duration::from_secs(30)),
+            "{name} kept"
+        );
+    }
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "{:?}",
         started.elapsed()
     );
+    trickler.join().unwrap();
+    // A pod's connection to a mesh service, redirected: the same, whether its bytes stall in
+    // the request line (before the proxy can tell HTTP from other protocols) or in a header.
+    let restaurant = scenario.config.service("restaurant").unwrap().addresses[0].to_string();
+    for prefix in ["G", "GET / HTTP/1.1\r\nhost: restaurant\r\nx-device: a"] {
+        let output = scenario
+            .node
+            .pod("order-v1")
+            .exec(Command::new(binary("tcp-tool").unwrap()).args(["trickle", &restaurant, prefix]))
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout).trim(),
+            "closed",
+            "{prefix:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
     // Requests that come in time are served as before.
     assert_eq!(
         scenario.request("order", &[]).unwrap().path(),
@@ -789,10 +848,26 @@ fn connections_past_the_limit_are_closed_at_once_and_counted() {
     let held: Vec<TcpStream> = (0..3)
         .map(|_| TcpStream::connect(scenario.gateway).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
+    let open = |n: usize| {
+        let want = format!("steer_client_connections {n}\n");
+        let started = Instant::now();
+        loop {
+            let metrics = http::get(scenario.admin, "/metrics", &[]).unwrap().body;
+            if metrics.contains(&want) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{want}{metrics}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // The three are accepted before the fourth comes.
+    open(3);
     let mut over = TcpStream::connect(scenario.gateway).unwrap();
     assert!(
-        closed_within(&mut over, Duration::from_secs(2)),
+        closed_within(&mut over, Duration::from_secs(30)),
         "the fourth was kept"
     );
     let metrics = http::get(scenario.admin, "/metrics", &[]).unwrap().body;
@@ -803,7 +878,7 @@ fn connections_past_the_limit_are_closed_at_once_and_counted() {
     assert!(metrics.contains("steer_client_connections 3"), "{metrics}");
     // Once they close, clients are served again.
     drop(held);
-    std::thread::sleep(Duration::from_millis(200));
+    open(0);
     let reply = http::get(scenario.gateway, "/", &[("host", "delivery")]).unwrap();
     assert_eq!(reply.status, 200, "{}", reply.body);
 }
@@ -823,7 +898,7 @@ fn an_endpoint_at_the_agents_own_listener_is_refused_and_the_previous_configurat
         serde_yaml_ng::to_string(&looping).unwrap(),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let metrics = http::get(scenario.admin, "/metrics", &[]).unwrap().body;
         if metrics.contains("steer_config_reloads_total{result=\"rejected\"} 1") {
@@ -837,8 +912,10 @@ fn an_endpoint_at_the_agents_own_listener_is_refused_and_the_previous_configurat
         scenario.request("order", &[]).unwrap().path(),
         "order/v1 -> restaurant/v1 -> delivery/v1"
     );
+    // Served, not looping through the proxy until something gives up (a generous bound: a
+    // loop would last until the client's own timeout).
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );
@@ -889,6 +966,9 @@ fn read_response(stream: &mut TcpStream) -> (String, String) {
 #[test]
 fn sigterm_lets_keep_alive_clients_finish_and_keeps_tunnels_for_the_grace_period() {
     let mut scenario = food_delivery();
+    // A grace far longer than this test takes on a busy machine.
+    scenario.agent_args = vec!["--drain-grace".into(), "60".into()];
+    scenario.start_agent().unwrap();
     let request = b"GET / HTTP/1.1\r\nhost: delivery\r\n\r\n";
     let mut keep_alive = TcpStream::connect(scenario.gateway).unwrap();
     keep_alive
@@ -910,21 +990,31 @@ fn sigterm_lets_keep_alive_clients_finish_and_keeps_tunnels_for_the_grace_period
 
     let agent = scenario.agent.as_mut().unwrap();
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    std::thread::sleep(Duration::from_millis(200));
-    // The idle keep-alive connection is still answered, and told to reconnect.
-    keep_alive.write_all(request).unwrap();
-    let (head, _) = read_response(&mut keep_alive);
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(head.contains("connection: close"), "{head}");
-    assert!(closed_within(&mut keep_alive, Duration::from_secs(2)));
-    // The tunnel outlives the HTTP connections, within the grace period (5 s here).
-    std::thread::sleep(Duration::from_millis(1500));
+    let signaled = Instant::now();
+    // The idle keep-alive connection is still answered, and (once the drain reached its
+    // worker) told to reconnect.
+    loop {
+        keep_alive.write_all(request).unwrap();
+        let (head, _) = read_response(&mut keep_alive);
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        if head.contains("connection: close") {
+            break;
+        }
+        assert!(
+            signaled.elapsed() < Duration::from_secs(30),
+            "never told: {head}"
+        );
+    }
+    assert!(closed_within(&mut keep_alive, Duration::from_secs(30)));
+    // The tunnel outlives the HTTP connections (served for a second into the drain), within
+    // the grace period.
+    std::thread::sleep(Duration::from_millis(1500).saturating_sub(signaled.elapsed()));
     tunnel.write_all(b"still there").unwrap();
     let mut echo = [0u8; 64];
     let n = tunnel.read(&mut echo).unwrap();
     assert_eq!(&echo[..n], b"still there");
     drop(tunnel);
-    let exited = exit_within(agent, Duration::from_millis(5000));
+    let exited = exit_within(agent, Duration::from_secs(60));
     assert!(
         exited.is_some_and(|s| s.success()),
         "exits once the tunnel closed: {exited:?}"
@@ -950,13 +1040,15 @@ fn a_hostile_configuration_file_is_refused_without_stalling_traffic() {
     let scenario = food_delivery();
     let deep = format!("releases: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
     std::fs::write(&scenario.config_path, deep).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let started = Instant::now();
         let hop = scenario.request("order", &[]).unwrap();
         assert_eq!(hop.path(), "order/v1 -> restaurant/v1 -> delivery/v1");
+        // No stall while the file is read (parsing runs off the workers); generous for a
+        // busy machine, short of the many seconds a stall took.
         assert!(
-            started.elapsed() < Duration::from_secs(1),
+            started.elapsed() < Duration::from_secs(5),
             "{:?}",
             started.elapsed()
         );

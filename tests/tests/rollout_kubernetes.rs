@@ -35,8 +35,9 @@ const PROMETHEUS: &str = "/usr/bin/prometheus";
 const CHAIN: &[(&str, &[&str])] = &[("order", &["restaurant"])];
 const RELEASE: &str = "kitchen";
 
-/// Order calls restaurant; the release `kitchen` rolls restaurant v2 out to Android users.
-fn fixture(steps: &str) -> String {
+/// Order calls restaurant; the release `kitchen` rolls restaurant v2 out to Android users,
+/// a step every `interval`.
+fn fixture(steps: &str, interval: &str) -> String {
     format!(
         r#"
 services:
@@ -57,7 +58,7 @@ releases:
     targets: {{ restaurant: v2 }}
     rollout:
       steps: {steps}
-      interval: 3s
+      interval: {interval}
       analysis: {{ minRequests: 10, maxErrorRate: 5% }}
       onSuccess: promote
 "#
@@ -112,7 +113,7 @@ impl PrometheusServer {
             dir,
         };
         let address = SocketAddr::from(([127, 0, 0, 1], port));
-        wait_for("Prometheus to be ready", Duration::from_secs(20), || {
+        wait_for("Prometheus to be ready", Duration::from_secs(120), || {
             http::get(address, "/-/ready", &[])
                 .ok()
                 .filter(|r| r.status == 200)
@@ -188,6 +189,7 @@ const METRICS_PORT: u16 = 15090;
 /// demo service (`--fail-every N`).
 fn deploy(
     steps: &str,
+    interval: &str,
     canary_args: &[&str],
     prometheus: &PrometheusServer,
     node: Node,
@@ -201,7 +203,8 @@ fn deploy(
         node.address.to_string(),
     ];
     let versions: &[(&str, &str, &[&str])] = &[("restaurant", "v2", canary_args)];
-    Scenario::deploy_kubernetes_text(&fixture(steps), CHAIN, versions, args, node).unwrap()
+    Scenario::deploy_kubernetes_text(&fixture(steps, interval), CHAIN, versions, args, node)
+        .unwrap()
 }
 
 fn server(scenario: &Scenario) -> Arc<ApiServer> {
@@ -232,6 +235,35 @@ fn percent_in_force(scenario: &Scenario) -> Option<f64> {
         .find(|r| r["name"] == name)?
         .clone();
     release["percent"].as_f64()
+}
+
+fn annotate(server: &ApiServer, key: &str, value: &str) {
+    server.annotate("CanaryRelease", Cluster::NAMESPACE, RELEASE, key, value);
+}
+
+/// Ends the wait of the rollout's step (a new value of the continue annotation each time the
+/// status writer noted the last one: an analysis that found too few requests waits) until
+/// `reached` holds of the rollout's status, which is returned.
+fn continue_until(server: &ApiServer, what: &str, reached: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    let mut asked: Option<String> = None;
+    loop {
+        let status = release_object(server)["status"].clone();
+        if reached(&status["rollout"]) {
+            return status["rollout"].clone();
+        }
+        let noted = status["rolloutContinue"].as_str().map(str::to_string);
+        if asked.is_none() || noted == asked {
+            let next = noted.and_then(|v| v.parse::<u32>().ok()).unwrap_or(0) + 1;
+            annotate(server, "steer.dev/rollout-continue", &next.to_string());
+            asked = Some(next.to_string());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "waited for {what}: {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Every rollout status written, as (phase, step), in order, repeats folded.
@@ -317,7 +349,9 @@ fn take_over(server: &Arc<ApiServer>, prometheus: &PrometheusServer) -> OtherAge
 fn a_rollout_walks_its_steps_across_a_leader_change_and_is_promoted() {
     let node = Node::new().unwrap();
     let prometheus = PrometheusServer::start(SocketAddr::from((node.address, METRICS_PORT)));
-    let scenario = deploy("[20, 50, 100]", &[], &prometheus, node);
+    // Each step lasts as long as the test needs: it asks for every analysis (the continue
+    // annotation), so a slow machine makes the test slower, never wrong.
+    let scenario = deploy("[20, 50, 100]", "1h", &[], &prometheus, node);
     // The metrics listener answers what Prometheus and the kubelet ask, and nothing else.
     let metrics = SocketAddr::from((scenario.node.address, METRICS_PORT));
     for (path, status) in [
@@ -336,13 +370,10 @@ fn a_rollout_walks_its_steps_across_a_leader_change_and_is_promoted() {
     let traffic = Traffic::start(&scenario);
 
     // The first step, then the second: the agent routes at the step the status holds.
-    wait_for("the first step in force", Duration::from_secs(10), || {
+    wait_for("the first step in force", Duration::from_secs(60), || {
         (percent_in_force(&scenario) == Some(20.0)).then_some(())
     });
-    wait_for("the second step", Duration::from_secs(30), || {
-        (rollout(&server)["step"] == 1).then_some(())
-    });
-    let second = rollout(&server);
+    let second = continue_until(&server, "the second step", |r| r["step"] == 1);
     assert_eq!(second["percent"], 50.0, "{second}");
     assert_eq!(second["lastAnalysis"]["outcome"], "Passed", "{second}");
     // Figures from Prometheus: the release's requests and latency, and the primaries'.
@@ -356,7 +387,7 @@ fn a_rollout_walks_its_steps_across_a_leader_change_and_is_promoted() {
         analysis["p99"].as_f64().is_some() && analysis["primaryP99"].as_f64().is_some(),
         "{second}"
     );
-    wait_for("the second step in force", Duration::from_secs(5), || {
+    wait_for("the second step in force", Duration::from_secs(60), || {
         (percent_in_force(&scenario) == Some(50.0)).then_some(())
     });
     // The admin API shows where it stands, as the status has it.
@@ -377,10 +408,7 @@ fn a_rollout_walks_its_steps_across_a_leader_change_and_is_promoted() {
     // Another agent takes the lease: it continues from the stored step, never from the first.
     let written_before = server.patches().len();
     let _node_2 = take_over(&server, &prometheus);
-    let promoted = wait_for("the promotion", Duration::from_secs(45), || {
-        let rollout = rollout(&server);
-        (rollout["phase"] == "Promoted").then_some(rollout)
-    });
+    let promoted = continue_until(&server, "the promotion", |r| r["phase"] == "Promoted");
     let after: Vec<u64> = server.patches()[written_before..]
         .iter()
         .filter_map(|(_, status)| status.get("rollout")?["step"].as_u64())
@@ -415,7 +443,7 @@ fn a_rollout_walks_its_steps_across_a_leader_change_and_is_promoted() {
         "v2"
     );
     drop(traffic);
-    wait_for("v2 to be everyone's", Duration::from_secs(10), || {
+    wait_for("v2 to be everyone's", Duration::from_secs(60), || {
         let hop = scenario.request("order", &[]).ok()?;
         (hop.path() == "order/v1 -> restaurant/v2").then_some(())
     });
@@ -425,7 +453,7 @@ fn a_rollout_walks_its_steps_across_a_leader_change_and_is_promoted() {
         .unwrap();
     assert_eq!(android.path(), "order/v1 -> restaurant/v2");
     assert_eq!(android.release, None);
-    let verdict = wait_for("the Promoted verdict", Duration::from_secs(10), || {
+    let verdict = wait_for("the Promoted verdict", Duration::from_secs(60), || {
         let status = release_object(&server)["status"].clone();
         (status["conditions"][0]["reason"] == "Promoted").then_some(status)
     });
@@ -437,10 +465,10 @@ fn a_failing_canary_rolls_back_and_resumes_on_its_annotation() {
     let node = Node::new().unwrap();
     let prometheus = PrometheusServer::start(SocketAddr::from((node.address, METRICS_PORT)));
     // Restaurant v2 answers every other request with a 500.
-    let scenario = deploy("[50, 100]", &["--fail-every", "2"], &prometheus, node);
+    let scenario = deploy("[50, 100]", "3s", &["--fail-every", "2"], &prometheus, node);
     let server = server(&scenario);
     let traffic = Traffic::start(&scenario);
-    let rolled_back = wait_for("the rollback", Duration::from_secs(30), || {
+    let rolled_back = wait_for("the rollback", Duration::from_secs(120), || {
         let rollout = rollout(&server);
         (rollout["phase"] == "RolledBack").then_some(rollout)
     });
@@ -461,7 +489,7 @@ fn a_failing_canary_rolls_back_and_resumes_on_its_annotation() {
     // Out of the rules: Android users are back on v1.
     wait_for(
         "the release out of the rules",
-        Duration::from_secs(5),
+        Duration::from_secs(60),
         || percent_in_force(&scenario).is_none().then_some(()),
     );
     let hop = scenario
@@ -473,10 +501,8 @@ fn a_failing_canary_rolls_back_and_resumes_on_its_annotation() {
     );
 
     // A person resumes it: the first step again, and the value is noted.
-    let mut object = release_object(&server);
-    object["metadata"]["annotations"] = json!({"steer.dev/rollout-resume": "fixed-500s"});
-    server.put(object);
-    let resumed = wait_for("the resume", Duration::from_secs(10), || {
+    annotate(&server, "steer.dev/rollout-resume", "fixed-500s");
+    let resumed = wait_for("the resume", Duration::from_secs(60), || {
         let status = release_object(&server)["status"].clone();
         (status["rolloutResume"] == "fixed-500s").then_some(status)
     });
@@ -488,7 +514,7 @@ fn a_failing_canary_rolls_back_and_resumes_on_its_annotation() {
     );
     wait_for(
         "the first step in force again",
-        Duration::from_secs(5),
+        Duration::from_secs(60),
         || (percent_in_force(&scenario) == Some(50.0)).then_some(()),
     );
 }
@@ -505,7 +531,7 @@ async fn without_figures_a_rollout_holds_its_step_and_says_why() {
             "cannot connect to Prometheus at 127.0.0.1:9",
         ),
     ] {
-        let text = fixture("[50, 100]").replace("interval: 3s", "interval: 1s");
+        let text = fixture("[50, 100]", "1s");
         let config = Config::from_yaml(&text, "fixture").unwrap();
         let server = ApiServer::start(objects_from_config(&config, "demo")).await;
         let (_trigger, drain) = steer::drain::channel();
@@ -520,7 +546,7 @@ async fn without_figures_a_rollout_holds_its_step_and_says_why() {
                 break rollout;
             }
             assert!(
-                started.elapsed() < Duration::from_secs(15),
+                started.elapsed() < Duration::from_secs(120),
                 "no `{reason}`: {rollout}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -543,7 +569,7 @@ async fn without_figures_a_rollout_holds_its_step_and_says_why() {
 /// server refuses leaves the rollout succeeded, saying why, and is tried again.
 #[tokio::test]
 async fn a_succeeded_rollout_is_promoted_and_a_refused_promotion_is_tried_again() {
-    let text = fixture("[50, 100]").replace("interval: 3s", "interval: 1s");
+    let text = fixture("[50, 100]", "1s");
     let config = Config::from_yaml(&text, "fixture").unwrap();
     // The release as the translation names it: its status is about these targets.
     let release = Release {
@@ -584,7 +610,7 @@ async fn a_succeeded_rollout_is_promoted_and_a_refused_promotion_is_tried_again(
         {
             break rollout;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "{rollout}");
+        assert!(started.elapsed() < Duration::from_secs(120), "{rollout}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(pending["phase"], "Succeeded", "{pending}");
@@ -609,7 +635,7 @@ async fn a_succeeded_rollout_is_promoted_and_a_refused_promotion_is_tried_again(
         if rollout["phase"] == "Promoted" {
             break rollout;
         }
-        assert!(started.elapsed() < Duration::from_secs(15), "{rollout}");
+        assert!(started.elapsed() < Duration::from_secs(120), "{rollout}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(primary(), "v2");
@@ -623,7 +649,7 @@ async fn a_succeeded_rollout_is_promoted_and_a_refused_promotion_is_tried_again(
             assert_eq!(status["state"], "Accepted", "{status}");
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "{status}");
+        assert!(started.elapsed() < Duration::from_secs(120), "{status}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     task.abort();

@@ -22,7 +22,12 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::{metrics::Metrics, rollout::driver::Rollouts, rules::HeaderPairs, state::Snapshot};
+use crate::{
+    metrics::Metrics,
+    rollout::{RolloutStatus, driver::Rollouts},
+    rules::HeaderPairs,
+    state::Snapshot,
+};
 use live::Live;
 pub use live::Rejection;
 
@@ -212,19 +217,29 @@ fn header_pairs(pairs: &[(String, String)]) -> Result<HeaderPairs, String> {
     Ok(HeaderPairs::new(headers))
 }
 
+/// What a person can ask of one rollout.
+type RolloutAction = fn(&Rollouts, &str) -> Result<RolloutStatus, String>;
+
 fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Full<Bytes>> {
     const JSON: &str = "application/json";
     if let Some(response) = probe_or_metrics(admin, request.uri().path()) {
         return response;
     }
-    let resume = (request.uri().path().strip_prefix("/rollouts/"))
-        .and_then(|rest| rest.strip_suffix("/resume"));
-    if let Some(name) = resume {
+    // A person's word on a rollout: POST /rollouts/NAME/resume or /rollouts/NAME/continue.
+    let action = (request.uri().path().strip_prefix("/rollouts/")).and_then(|rest| {
+        [
+            ("resume", Rollouts::resume as RolloutAction),
+            ("continue", Rollouts::continue_now),
+        ]
+        .into_iter()
+        .find_map(|(word, act)| Some((word, rest.strip_suffix(word)?.strip_suffix('/')?, act)))
+    });
+    if let Some((word, name, act)) = action {
         if request.method() != http::Method::POST {
-            let reason = "POST to resume a rollout\n";
-            return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, reason.into());
+            let reason = format!("POST to {word} a rollout\n");
+            return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, reason);
         }
-        return match admin.rollouts.resume(&percent_decode(name)) {
+        return match act(&admin.rollouts, &percent_decode(name)) {
             Ok(status) => reply(
                 StatusCode::OK,
                 JSON,
@@ -297,7 +312,7 @@ fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Ful
             StatusCode::NOT_FOUND,
             TEXT,
             "endpoints: / (the live page) /healthz /readyz /metrics /config \
-             /explain?service=..&header=Name:value /rollouts (POST /rollouts/NAME/resume) \
+             /explain?service=..&header=Name:value /rollouts (POST /rollouts/NAME/resume, /rollouts/NAME/continue) \
              /ui/state /ui/explain?header=Name:value\n"
                 .into(),
         ),

@@ -92,7 +92,8 @@ pub struct CanaryReleaseSpec {
     pub targets: BTreeMap<String, String>,
     /// Grow the release step by step on its own health (instead of `percent`; needs
     /// `hashBy`). Where it stands is in `status.rollout`; a rolled-back rollout starts over
-    /// when the annotation `steer.dev/rollout-resume` gets a new value.
+    /// when the annotation `steer.dev/rollout-resume` gets a new value, and a step's analysis
+    /// runs at once when `steer.dev/rollout-continue` gets one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
 }
@@ -121,6 +122,10 @@ pub struct CanaryReleaseStatus {
     /// of: a different value resumes a rolled-back rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_resume: Option<String>,
+    /// The value of the annotation `steer.dev/rollout-continue` the rollout last took notice
+    /// of: a different value ends the wait of a progressing step (its analysis runs then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_continue: Option<String>,
 }
 
 impl CanaryReleaseStatus {
@@ -129,6 +134,7 @@ impl CanaryReleaseStatus {
         CanaryReleaseStatus {
             rollout: None,
             rollout_resume: None,
+            rollout_continue: None,
             ..self.clone()
         }
     }

@@ -43,6 +43,9 @@ use crate::{
 /// A new value resumes a rolled-back rollout from its first step (the value last acted on is
 /// `status.rolloutResume`).
 pub const RESUME_ANNOTATION: &str = "steer.dev/rollout-resume";
+/// A new value ends the wait of a progressing step: its analysis runs at once, over the step
+/// so far (the value last acted on is `status.rolloutContinue`).
+pub const CONTINUE_ANNOTATION: &str = "steer.dev/rollout-continue";
 /// How often the writer looks for due analyses: well within the shortest sensible interval.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -136,8 +139,34 @@ pub struct Driver {
     pub prometheus: Option<Prometheus>,
 }
 
-/// A status to write: the rollout's, and the resume annotation's value acted on.
-type Update = (RolloutStatus, Option<String>);
+/// The values of a person's annotations: as asked on the CanaryRelease, or as last acted on
+/// (in its status).
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Asks {
+    resume: Option<String>,
+    proceed: Option<String>,
+}
+
+impl Asks {
+    fn asked(object: &CanaryRelease) -> Asks {
+        let value = |name: &str| object.annotations().get(name).cloned();
+        Asks {
+            resume: value(RESUME_ANNOTATION),
+            proceed: value(CONTINUE_ANNOTATION),
+        }
+    }
+
+    fn noted(object: &CanaryRelease) -> Asks {
+        let status = object.status.as_ref();
+        Asks {
+            resume: status.and_then(|s| s.rollout_resume.clone()),
+            proceed: status.and_then(|s| s.rollout_continue.clone()),
+        }
+    }
+}
+
+/// A status to write: the rollout's, and the annotations' values acted on.
+type Update = (RolloutStatus, Asks);
 
 /// Drives the rollouts while this agent is the status writer, for as long as the agent runs.
 pub async fn drive(driver: Driver, source: watch::Receiver<Option<Arc<Config>>>) {
@@ -200,21 +229,20 @@ impl Driver {
         object: &CanaryRelease,
         now: jiff::Timestamp,
     ) -> Option<Update> {
-        let status = object.status.as_ref();
-        let asked = object.annotations().get(RESUME_ANNOTATION).cloned();
-        let noted = status.and_then(|s| s.rollout_resume.clone());
-        let current = status
+        let asked = Asks::asked(object);
+        let mut noted = Asks::noted(object);
+        let current = (object.status.as_ref())
             .and_then(|s| s.rollout.as_ref())
             .filter(|s| s.fingerprint == rollout::fingerprint(release));
         let Some(current) = current else {
-            // New, or its rollout or targets changed: the first step. A resume asked before
+            // New, or its rollout or targets changed: the first step. What was asked before
             // is noted, not acted on.
             info!(release = %release.name, "rollout begins");
             return Some((rollout::begin(release, rollout, now), asked));
         };
-        if asked != noted {
-            let resumed = match asked
-                .as_ref()
+        if asked.resume != noted.resume {
+            // A continue asked with it was about the run that is over: noted too.
+            let resumed = match (asked.resume.as_ref())
                 .map(|_| rollout::resume(release, current, now))
             {
                 Some(Ok(resumed)) => {
@@ -229,11 +257,28 @@ impl Driver {
             };
             return Some((resumed, asked));
         }
+        let mut current = current.clone();
+        if asked.proceed != noted.proceed {
+            match (asked.proceed.as_ref()).map(|_| current.continued(&release.name, now)) {
+                Some(Ok(continued)) => {
+                    info!(release = %release.name, "rollout continued by its annotation: analysis now");
+                    current = continued;
+                }
+                Some(Err(reason)) => {
+                    info!(release = %release.name, reason, "continue annotation: nothing to continue");
+                }
+                None => {}
+            }
+            noted.proceed = asked.proceed;
+            if !current.due(now) {
+                return Some((current, noted));
+            }
+        }
         if !current.due(now) {
             return None;
         }
-        let next = self.analyse(config, release, rollout, current, now).await;
-        Some((next, asked))
+        let next = self.analyse(config, release, rollout, &current, now).await;
+        Some((next, noted))
     }
 
     /// A succeeded rollout to be promoted (`onSuccess: promote`), promoted; a promotion that
@@ -260,7 +305,7 @@ impl Driver {
             return None;
         }
         let next = self.promote(object, rollout, current, now).await;
-        Some((next, status.rollout_resume.clone()))
+        Some((next, Asks::noted(object)))
     }
 
     /// Runs the analysis of the step `current` is at and takes the rollout where it leads;
@@ -281,7 +326,8 @@ impl Driver {
             );
         };
         let subject = Subject::of(release, config);
-        let window = match prometheus.window(&subject, rollout.interval, now).await {
+        let over = current.analysis_window(rollout, now);
+        let window = match prometheus.window(&subject, over, now).await {
             Ok(window) => window,
             Err(err) => {
                 let reason = format!("{err:#}");
@@ -348,7 +394,7 @@ impl Driver {
     /// Writes a rollout's status; when `guarded`, on the condition that the release is as it
     /// was read: a stale read (the watch behind our last write) or another writer makes it a
     /// conflict, and the next round reads again.
-    async fn write(&self, object: &CanaryRelease, (status, resume): Update, guarded: bool) {
+    async fn write(&self, object: &CanaryRelease, (status, asks): Update, guarded: bool) {
         let key = key_of(object);
         let api: Api<CanaryRelease> = Api::namespaced(
             self.client.clone(),
@@ -358,7 +404,11 @@ impl Driver {
             .unwrap_or(Value::Null);
         let new = serde_json::to_value(&status).expect("a status serialises");
         let mut patch = json!({
-            "status": {"rollout": merge_patch(&old, new), "rolloutResume": resume},
+            "status": {
+                "rollout": merge_patch(&old, new),
+                "rolloutResume": asks.resume,
+                "rolloutContinue": asks.proceed,
+            },
         });
         if guarded {
             patch["metadata"] = json!({"resourceVersion": object.resource_version()});

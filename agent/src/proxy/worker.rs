@@ -345,6 +345,8 @@ enum Protocol {
     Http2,
     /// Not HTTP, or nothing within the sniff's patience.
     Other,
+    /// The start of a request line or preface, and no more by the sniff's deadline.
+    Stalled,
 }
 
 /// The HTTP/2 connection preface (h2c with prior knowledge, gRPC).
@@ -384,10 +386,11 @@ fn classify(first: &[u8]) -> Option<Protocol> {
 /// Bytes looked at: enough for the longest registered methods and the target's first byte.
 const PEEK_BYTES: usize = 24;
 
-/// Peeks at the client's first bytes (they stay in the socket for the server to read).
-async fn sniff(stream: &TcpStream, patience: Duration) -> Protocol {
+/// Peeks at the client's first bytes until `deadline` (they stay in the socket for the server
+/// to read).
+async fn sniff(stream: &TcpStream, deadline: tokio::time::Instant) -> Protocol {
     let mut buf = [0u8; PEEK_BYTES];
-    let deadline = tokio::time::Instant::now() + patience;
+    let mut pause = Duration::from_millis(1);
     loop {
         let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
         let Ok(Ok(n)) = peeked else {
@@ -396,9 +399,15 @@ async fn sniff(stream: &TcpStream, patience: Duration) -> Protocol {
         if let Some(protocol) = classify(&buf[..n]) {
             return protocol;
         }
-        // A partial preface or method: the bytes stay readable, so wait a moment rather than
-        // for them.
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        // A partial preface or method. Peeked bytes stay readable, so the peek above answers
+        // at once however late it is: the deadline is checked here.
+        if tokio::time::Instant::now() >= deadline {
+            return Protocol::Stalled;
+        }
+        // Wait a moment rather than for the bytes, longer each time (a client trickling
+        // bytes costs few wake-ups).
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + pause)).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 
@@ -410,8 +419,11 @@ async fn connection(
     kind: Listener,
     mut drain: Drain,
 ) {
-    let accepted = tokio::time::Instant::now();
     let _ = stream.set_nodelay(true);
+    // The first request head is due within the idle timeout of connecting, however long the
+    // sniff took of it (nginx's client_header_timeout).
+    let connected_at = tokio::time::Instant::now();
+    let head_due = connected_at + worker.shared.limits.idle_timeout;
     // The original destination is known only at accept time: the record is keyed by the peer.
     let original = match (kind, &worker.shared.originals) {
         (Listener::Redirect, Some(originals)) => {
@@ -436,22 +448,33 @@ async fn connection(
     let protocol = match (declared, &connected) {
         // Unread, at once: the server may be the one to speak first.
         (AppProtocol::Tcp, _) => Protocol::Other,
-        (AppProtocol::Http, Some(_)) => sniff(&stream, worker.shared.limits.idle_timeout).await,
-        (AppProtocol::Http, None) => match sniff(&stream, GATEWAY_SNIFF).await {
-            Protocol::Other => Protocol::Http1,
-            protocol => protocol,
-        },
+        (AppProtocol::Http, Some(_)) => sniff(&stream, head_due).await,
+        // hyper takes what the short sniff could not tell (and times it by `head_due`).
+        (AppProtocol::Http, None) => {
+            match sniff(&stream, head_due.min(connected_at + GATEWAY_SNIFF)).await {
+                Protocol::Other | Protocol::Stalled => Protocol::Http1,
+                protocol => protocol,
+            }
+        }
     };
+    if protocol == Protocol::Stalled {
+        debug!(%peer, "no request line in time: closed");
+        return;
+    }
     if let (Protocol::Other, Some(service)) = (protocol, &connected) {
         l4::relay(&worker, stream, service).await;
         return;
     }
+    // Whether a first request head arrived: until then the connection lives by `head_due`.
+    let head_seen = Rc::new(std::cell::Cell::new(false));
     let activity = Rc::new(Activity::default());
     let service = {
         let worker = worker.clone();
         let drain = drain.clone();
+        let head_seen = head_seen.clone();
         let activity = activity.clone();
         service_fn(move |request| {
+            head_seen.set(true);
             let worker = worker.clone();
             let connected = connected.clone();
             let drain = drain.clone();
@@ -481,7 +504,7 @@ async fn connection(
             }
             // A connection that never completed its preface, or went quiet: GOAWAY, and
             // closed if the client does not close it first.
-            _ = activity.idle(idle_timeout, accepted) => {
+            _ = activity.idle(idle_timeout, connected_at) => {
                 connection.as_mut().graceful_shutdown();
                 tokio::time::timeout(idle_timeout, connection)
                     .await
@@ -506,6 +529,7 @@ async fn connection(
             DRAIN_PERIOD,
             &mut drain,
             peer,
+            Some((head_due, &head_seen)),
         )
         .await;
     }
@@ -562,19 +586,35 @@ impl Activity {
 const DRAIN_PERIOD: Duration = Duration::from_secs(1);
 
 /// Serves a connection; once the drain starts, it keeps serving for `goodbye`, then finishes
-/// the request in flight and closes (HTTP/2: GOAWAY).
+/// the request in flight and closes (HTTP/2: GOAWAY). With `first_head`, a connection whose
+/// first request head has not arrived by its time is closed then: hyper's header timeout
+/// counts from its own first read, after the sniff.
 async fn until_drained<C>(
     connection: C,
     shutdown: impl FnOnce(Pin<&mut C>),
     goodbye: Duration,
     drain: &mut Drain,
     peer: SocketAddr,
+    first_head: Option<(tokio::time::Instant, &std::cell::Cell<bool>)>,
 ) where
     C: Future<Output = hyper::Result<()>>,
 {
     let mut connection = std::pin::pin!(connection);
+    let head_missed = async {
+        let Some((due, seen)) = first_head else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep_until(due).await;
+        if seen.get() {
+            std::future::pending::<()>().await;
+        }
+    };
     let result = tokio::select! {
         result = connection.as_mut() => result,
+        () = head_missed => {
+            debug!(%peer, "no request head in time: closed");
+            return;
+        }
         _ = drain.signaled() => {
             match tokio::time::timeout(goodbye, connection.as_mut()).await {
                 Ok(result) => result,

@@ -6,7 +6,7 @@ use std::{
     collections::HashSet,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -62,7 +62,8 @@ pub struct Rollouts {
     /// Whether this agent drives the rollouts (a file) or only shows them (Kubernetes: the
     /// leader drives, from the cluster's figures).
     drives: bool,
-    resumed: tokio::sync::Notify,
+    /// A person resumed or continued a rollout: the driver acts at once.
+    asked: tokio::sync::Notify,
     /// What `views` shows, replaced whole after each change.
     published: Mutex<Vec<RolloutView>>,
 }
@@ -104,7 +105,7 @@ impl Rollouts {
             }),
             state_file,
             drives: true,
-            resumed: tokio::sync::Notify::new(),
+            asked: tokio::sync::Notify::new(),
             published: Mutex::default(),
         }
     }
@@ -185,8 +186,30 @@ impl Rollouts {
         inner.book.insert(name.to_string(), resumed.clone());
         self.publish(&inner.source, &inner.book);
         inner.pending = true;
-        self.resumed.notify_one();
+        self.asked.notify_one();
         Ok(resumed)
+    }
+
+    /// Ends the wait of a progressing release's step: the driver samples the figures and runs
+    /// its analysis at once (over the step so far; see `RolloutStatus::continued`).
+    pub fn continue_now(&self, name: &str) -> Result<RolloutStatus, String> {
+        if !self.drives {
+            return Err(format!(
+                "rollouts are kept in the cluster: continue `{name}` on its CanaryRelease \
+                 (README: progressive rollout)"
+            ));
+        }
+        let mut inner = self.lock();
+        let status = inner
+            .book
+            .get(name)
+            .ok_or_else(|| format!("release `{name}` has no rollout"))?;
+        let continued = status.continued(name, jiff::Timestamp::now())?;
+        info!(release = name, "rollout continued by request: analysis now");
+        inner.book.insert(name.to_string(), continued.clone());
+        self.publish(&inner.source, &inner.book);
+        self.asked.notify_one();
+        Ok(continued)
     }
 
     /// What to sample while some rollout is progressing.
@@ -219,11 +242,10 @@ impl Rollouts {
         })
     }
 
-    /// Runs the analyses that are due and puts each resulting step in force; a step that
-    /// cannot be put in force (the datapath refuses it) is not taken: the rollout stays and
-    /// tries again an interval later.
-    fn step(&self, figures: &LocalFigures, applies: &dyn Applies) {
-        let now = jiff::Timestamp::now();
+    /// Runs the analyses that are due at `now` (the time of the newest sample in `figures`)
+    /// and puts each resulting step in force; a step that cannot be put in force (the
+    /// datapath refuses it) is not taken: the rollout stays and tries again an interval later.
+    fn step(&self, figures: &LocalFigures, applies: &dyn Applies, now: jiff::Timestamp) {
         let mut inner = self.lock();
         let Inner {
             source,
@@ -250,7 +272,8 @@ impl Rollouts {
             let (Some(rollout), Some(status)) = (&release.rollout, book.get(&name).cloned()) else {
                 continue;
             };
-            let window = figures.window(&Subject::of(release, source), rollout.interval);
+            let over = status.analysis_window(rollout, now);
+            let window = figures.window(&Subject::of(release, source), over);
             let record = analysis::judge(&rollout.analysis, &window, now);
             let next = status.after_analysis(rollout, record, now);
             info!(release = %name, outcome = ?next.phase, "{}", next.message);
@@ -322,23 +345,26 @@ impl Rollouts {
 
 /// Samples the figures and runs due analyses for as long as the agent runs.
 pub async fn drive(rollouts: Arc<Rollouts>, applies: Arc<dyn Applies>) {
-    let figures = Arc::new(Mutex::new(LocalFigures::new(Instant::now())));
+    let figures = Arc::new(Mutex::new(LocalFigures::new(jiff::Timestamp::now())));
     loop {
         let sampling = rollouts.sampling();
         let tick = sampling.as_ref().map_or(SLOWEST_TICK, |s| s.tick);
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
-            _ = rollouts.resumed.notified() => {}
+            _ = rollouts.asked.notified() => {}
         }
         let (rollouts, applies, figures) = (rollouts.clone(), applies.clone(), figures.clone());
         // Parsing the metrics and checking a step are CPU work: on the blocking pool.
         let _ = tokio::task::spawn_blocking(move || {
             let mut figures = figures.lock().unwrap_or_else(|e| e.into_inner());
+            // One instant for the sample and the step: a step begun now has this sample as
+            // its baseline.
+            let now = jiff::Timestamp::now();
             if let Some(sampling) = sampling {
                 let totals = parse_totals(&applies.metrics_text(), &sampling.versions);
-                figures.record(Instant::now(), totals, sampling.keep);
+                figures.record(now, totals, sampling.keep);
             }
-            rollouts.step(&figures, applies.as_ref());
+            rollouts.step(&figures, applies.as_ref(), now);
         })
         .await;
     }

@@ -4,8 +4,10 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    time::{Duration, Instant},
+    time::Duration,
 };
+
+use jiff::{SignedDuration, Timestamp};
 
 use super::{Traffic, Window};
 use crate::config::{Config, Release};
@@ -140,14 +142,22 @@ fn parse_labels(text: &str) -> Option<(Vec<(String, String)>, &str)> {
     }
 }
 
-/// Samples of the totals over time, so a window of any interval can be taken.
+/// Samples of the totals over time, so a window of any interval can be taken. They are
+/// stamped with the clock the rollout steps use: the driver samples and then runs the step
+/// at the same instant, so a step that begins at a sample has that sample as its baseline
+/// exactly (an early analysis then counts nothing of the step before).
 pub struct LocalFigures {
-    samples: VecDeque<(Instant, Totals)>,
+    samples: VecDeque<(Timestamp, Totals)>,
+}
+
+/// `time - after`, if the clock goes back that far.
+fn before(time: Timestamp, after: Duration) -> Option<Timestamp> {
+    time.checked_sub(SignedDuration::try_from(after).ok()?).ok()
 }
 
 impl LocalFigures {
     /// Counters start at zero with the agent: the first sample is an empty one, now.
-    pub fn new(now: Instant) -> LocalFigures {
+    pub fn new(now: Timestamp) -> LocalFigures {
         LocalFigures {
             samples: VecDeque::from([(now, Totals::new())]),
         }
@@ -155,9 +165,9 @@ impl LocalFigures {
 
     /// Adds a sample taken at `now`; samples older than `keep` (but the newest such one, a
     /// window's baseline) are dropped.
-    pub fn record(&mut self, now: Instant, totals: Totals, keep: Duration) {
+    pub fn record(&mut self, now: Timestamp, totals: Totals, keep: Duration) {
         self.samples.push_back((now, totals));
-        let horizon = now.checked_sub(keep);
+        let horizon = before(now, keep);
         while let (Some(horizon), Some((second, _))) = (horizon, self.samples.get(1))
             && *second <= horizon
         {
@@ -171,7 +181,7 @@ impl LocalFigures {
         let Some((newest_at, newest)) = self.samples.back() else {
             return Window::default();
         };
-        let horizon = newest_at.checked_sub(over);
+        let horizon = before(*newest_at, over);
         let baseline = self
             .samples
             .iter()
@@ -221,12 +231,12 @@ mod tests {
             .collect();
         let metrics = Metrics::default();
         let fast = Duration::from_millis(1);
-        let started = Instant::now();
+        let started = Timestamp::now();
         let mut figures = LocalFigures::new(started);
         // Before the window: a request that must not count.
         metrics.observe("a", "v2", Some("r"), StatusCode::OK, fast);
         figures.record(
-            started + Duration::from_secs(1),
+            started + SignedDuration::from_secs(1),
             parse_totals(&metrics.encode(), &versions),
             Duration::from_secs(60),
         );
@@ -248,7 +258,7 @@ mod tests {
         let totals = parse_totals(&metrics.encode(), &versions);
         assert!(!totals.keys().any(|(service, _, _)| service == "b"));
         figures.record(
-            started + Duration::from_secs(3),
+            started + SignedDuration::from_secs(3),
             totals,
             Duration::from_secs(60),
         );

@@ -22,7 +22,7 @@ pub mod driver;
 pub mod local;
 pub mod spec;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -175,6 +175,34 @@ impl RolloutStatus {
         }
         next.last_analysis = Some(record);
         next
+    }
+
+    /// A person's word that this step need not wait out its interval: its analysis is due
+    /// now, over the figures since the step began (`analysis_window`), and decides as it
+    /// would have at the end. The health gate is never skipped: too few requests waits, as
+    /// ever.
+    pub fn continued(&self, release: &str, now: jiff::Timestamp) -> Result<RolloutStatus, String> {
+        if self.phase != Phase::Progressing {
+            return Err(format!(
+                "release `{release}` is not progressing ({})",
+                self.message
+            ));
+        }
+        Ok(RolloutStatus {
+            next_analysis_at: Some(now),
+            ..self.clone()
+        })
+    }
+
+    /// What the analysis due `now` looks at: the interval before it, or only the time since
+    /// the step began when it runs early (`continued`), so that a step is never judged by the
+    /// figures of the step before.
+    pub fn analysis_window(&self, rollout: &Rollout, now: jiff::Timestamp) -> Duration {
+        let since_step = now
+            .duration_since(self.step_started_at)
+            .try_into()
+            .unwrap_or(Duration::ZERO);
+        rollout.interval.min(since_step)
     }
 
     /// The next step would break a rule of the checker (shadow or tie another release):

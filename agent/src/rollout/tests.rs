@@ -54,6 +54,45 @@ fn record(outcome: Outcome) -> AnalysisRecord {
 }
 
 #[test]
+fn continuing_makes_the_analysis_due_now_over_the_step_so_far_and_only_while_progressing() {
+    let config = config();
+    let release = &config.releases[0];
+    let rollout = release.rollout.as_ref().unwrap();
+    let begun = begin(release, rollout, t(0));
+    assert!(!begun.due(t(30)));
+    let continued = begun.continued("android", t(30)).unwrap();
+    assert!(continued.due(t(30)));
+    assert_eq!((continued.step, continued.percent), (0, 1.0));
+    // Early, the analysis looks at the step so far; on time (or later, after a wait), at one
+    // interval.
+    assert_eq!(
+        continued.analysis_window(rollout, t(30)),
+        Duration::from_secs(30)
+    );
+    assert_eq!(
+        begun.analysis_window(rollout, t(120)),
+        Duration::from_secs(120)
+    );
+    assert_eq!(
+        begun.analysis_window(rollout, t(500)),
+        Duration::from_secs(120)
+    );
+    // The health gate stays: a continued step that waits for requests waits another interval.
+    let waited = continued.after_analysis(rollout, record(Outcome::Waited), t(30));
+    assert_eq!(waited.step, 0);
+    assert!(!waited.due(t(60)));
+    let passed = continued.after_analysis(rollout, record(Outcome::Passed), t(30));
+    assert_eq!((passed.step, passed.step_started_at), (1, t(30)));
+    assert_eq!(
+        passed.analysis_window(rollout, t(31)),
+        Duration::from_secs(1)
+    );
+    let rolled_back = continued.after_analysis(rollout, record(Outcome::Failed), t(30));
+    let refused = rolled_back.continued("android", t(40)).unwrap_err();
+    assert!(refused.contains("not progressing"), "{refused}");
+}
+
+#[test]
 fn a_healthy_rollout_walks_every_step_then_succeeds() {
     let config = config();
     let release = &config.releases[0];

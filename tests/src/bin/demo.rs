@@ -325,9 +325,10 @@ fn rollout(root: &Path, steer: &Path) -> Result<()> {
         };
         match (phase("android").as_str(), phase("atlantis").as_str()) {
             ("Succeeded", "RolledBack") => break Ok(()),
-            _ if started.elapsed() > Duration::from_secs(60) => {
+            // The demo shows real steps on real clocks; a busy machine only makes it slower.
+            _ if started.elapsed() > Duration::from_secs(300) => {
                 break Err(anyhow::anyhow!(
-                    "the rollouts did not settle in a minute: {rollouts:#?}"
+                    "the rollouts did not settle in five minutes: {rollouts:#?}"
                 ));
             }
             _ => {}

@@ -3,6 +3,8 @@
 //! `tcp-tool serve ADDR NAME`: answers every connection with `NAME\n` and closes.
 //! `tcp-tool connect ADDR [COUNT]`: connects COUNT times (default 1), one after another; for
 //! the last connection prints `peer=<getpeername> said=<what the server sent>`.
+//! `tcp-tool trickle ADDR PREFIX`: sends PREFIX, then a byte every 200 ms, until the server
+//! closes (prints `closed`) or 40 s went by (prints `kept`).
 //! `tcp-tool bench ADDR|local COUNT`: connects and closes COUNT times; prints the median ns
 //! per connect (`local`: to a listener of its own on loopback).
 
@@ -43,6 +45,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("{last}");
             Ok(())
         }
+        ["trickle", addr, prefix] => {
+            let mut stream = TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(3))?;
+            stream.write_all(prefix.as_bytes())?;
+            stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+            let began = std::time::Instant::now();
+            let mut buf = [0u8; 1024];
+            let outcome = loop {
+                if began.elapsed() > Duration::from_secs(40) {
+                    break "kept";
+                }
+                match stream.read(&mut buf) {
+                    Ok(0) => break "closed",
+                    Ok(_) => continue,
+                    Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => break "closed",
+                    Err(_) => {}
+                }
+                if stream.write_all(b"a").is_err() {
+                    break "closed";
+                }
+            };
+            println!("{outcome}");
+            Ok(())
+        }
         ["bench", addr, count] => {
             // `local`: a listener of our own that accepts as fast as we connect, so the figure
             // is the connect path and not a slow server's backlog.
@@ -67,7 +92,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", took[count / 2]);
             Ok(())
         }
-        _ => Err("usage: tcp-tool serve ADDR NAME | tcp-tool connect ADDR [COUNT] | tcp-tool bench ADDR COUNT".into()),
+        _ => Err("usage: tcp-tool serve ADDR NAME | tcp-tool connect ADDR [COUNT] | tcp-tool trickle ADDR PREFIX | tcp-tool bench ADDR COUNT".into()),
     }
 }
 
