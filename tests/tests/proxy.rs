@@ -1165,6 +1165,28 @@ fn a_broken_or_slow_request_body_is_the_clients_failure_not_the_versions() {
     let n = slow.read(&mut answer).unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // A version that takes in none of a large body and does not answer is the slow one, even
+    // while the client is still sending: 504, counted against the version.
+    let mut upload = TcpStream::connect(scenario.gateway).unwrap();
+    upload
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut sender = upload.try_clone().unwrap();
+    let sending = std::thread::spawn(move || {
+        let size = 64 << 20;
+        let head = format!(
+            "POST /?sleep=3000 HTTP/1.1\r\nhost: restaurant\r\ncontent-length: {size}\r\n\r\n"
+        );
+        let _ = sender.write_all(head.as_bytes());
+        // Until the proxy answers and closes.
+        let _ = sender.write_all(&vec![b'x'; size]);
+    });
+    let mut answer = [0u8; 512];
+    let n = upload.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    drop(upload);
+    sending.join().unwrap();
 
     let metrics = http::get(scenario.admin, "/metrics", &[]).unwrap().body;
     for reason in ["client_body", "client_timeout"] {
@@ -1175,7 +1197,15 @@ fn a_broken_or_slow_request_body_is_the_clients_failure_not_the_versions() {
         .lines()
         .filter(|l| l.starts_with("steer_requests_total{") && l.contains("code=\"5xx\""))
         .collect();
-    assert!(failing.is_empty(), "{failing:?}");
+    assert_eq!(
+        failing.len(),
+        1,
+        "the version's own timeout only: {failing:?}"
+    );
+    assert!(
+        failing[0].contains("service=\"restaurant\",version=\"v1\"") && failing[0].ends_with(" 1"),
+        "{failing:?}"
+    );
 }
 
 /// Issue 26, item 6: HTTP/2 connections fall under the idle timeout too, from the accept for

@@ -31,24 +31,40 @@ impl ProxyBody {
     }
 }
 
-/// A client's request body on its way to an HTTP/1.1 upstream, telling whether it has been
-/// read to its end: a request timeout before then is the client's (408), after it the
+/// A client's request body on its way to an HTTP/1.1 upstream, telling whose turn it is: a
+/// request timeout while the proxy waits for the client's next bytes is the client's (408);
+/// one while the body has ended, or while the upstream is not taking what it was given, is the
 /// upstream's (504).
 #[derive(Debug)]
 pub struct ClientBody {
     body: Incoming,
-    ended: Rc<Cell<bool>>,
+    state: Rc<BodyState>,
+}
+
+#[derive(Debug, Default)]
+pub struct BodyState {
+    ended: Cell<bool>,
+    /// The last poll found no bytes from the client.
+    waiting_for_client: Cell<bool>,
+}
+
+impl BodyState {
+    /// Whether the exchange is held up by the client's body.
+    pub fn client_is_late(&self) -> bool {
+        !self.ended.get() && self.waiting_for_client.get()
+    }
 }
 
 impl ClientBody {
-    /// The body, and whether it has ended.
-    pub fn new(body: Incoming) -> (ClientBody, Rc<Cell<bool>>) {
-        let ended = Rc::new(Cell::new(body.is_end_stream()));
+    /// The body, and where it stands.
+    pub fn new(body: Incoming) -> (ClientBody, Rc<BodyState>) {
+        let state = Rc::new(BodyState::default());
+        state.ended.set(body.is_end_stream());
         let body = ClientBody {
             body,
-            ended: ended.clone(),
+            state: state.clone(),
         };
-        (body, ended)
+        (body, state)
     }
 }
 
@@ -61,9 +77,11 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        this.state.waiting_for_client.set(polled.is_pending());
+        let frame = ready!(polled);
         if frame.is_none() || this.body.is_end_stream() {
-            this.ended.set(true);
+            this.state.ended.set(true);
         }
         Poll::Ready(frame)
     }

@@ -131,7 +131,7 @@ async fn forward(
     let _in_flight = endpoint.start();
     let address = endpoint.address;
     let (head, body) = request.into_parts();
-    let (body, body_ended) = ClientBody::new(body);
+    let (body, body_state) = ClientBody::new(body);
     let request = Request::from_parts(head, body);
     let response = tokio::time::timeout(timeout, async {
         match conn.send(request).await {
@@ -155,10 +155,10 @@ async fn forward(
     .await
     .map_err(|_| {
         // Still waiting for the client's body: the client is the slow one.
-        if body_ended.get() {
-            ProxyError::Timeout { endpoint: address }
-        } else {
+        if body_state.client_is_late() {
             ProxyError::ClientTimeout
+        } else {
+            ProxyError::Timeout { endpoint: address }
         }
     })??;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
