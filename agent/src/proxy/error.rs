@@ -6,11 +6,15 @@ use std::{net::SocketAddr, sync::Arc};
 
 use http::{Response, StatusCode};
 
-use super::body::ProxyBody;
+use super::{body::ProxyBody, h1::head::FramingError};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    /// A request framed in a way two parsers could read differently (RFC 9112): refused
+    /// before a byte of it reaches an upstream.
+    #[error("{0}")]
+    Malformed(FramingError),
     #[error("no mesh service for this request (unknown destination and Host)")]
     NoService,
     /// The connection's service left the configuration while the connection was open.
@@ -53,6 +57,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
+            ProxyError::Malformed(framing) => {
+                StatusCode::from_u16(framing.status()).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             ProxyError::NoService | ProxyError::UnknownService(_) => StatusCode::NOT_FOUND,
             ProxyError::NoEndpoint { .. } | ProxyError::Unreachable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -69,6 +76,7 @@ impl ProxyError {
     /// The `reason` label of `steer_request_errors_total`.
     pub fn label(&self) -> &'static str {
         match self {
+            ProxyError::Malformed(_) => "malformed_request",
             ProxyError::NoService => "no_service",
             ProxyError::UnknownService(_) => "unknown_service",
             ProxyError::NoEndpoint { .. } => "no_endpoint",
@@ -130,6 +138,11 @@ mod tests {
                 "client_body",
             ),
             (ProxyError::ClientTimeout, 408, "client_timeout"),
+            (
+                ProxyError::Malformed(FramingError::UnknownCoding),
+                501,
+                "malformed_request",
+            ),
             (
                 ProxyError::UnaskedUpgrade {
                     endpoint: "10.0.0.1:80".parse().unwrap(),

@@ -15,7 +15,7 @@ use super::{
     body::{ClientBody, PooledBody, ProxyBody},
     edges::Caller,
     error::{ProxyError, fail_to_proxy},
-    headers::{prepare_uri, remove_hop_by_hop},
+    headers::{check_framing, prepare_uri, remove_hop_by_hop},
     pool::{self, Http1Conn},
     route::{Route, route},
     stamp,
@@ -34,8 +34,16 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let http1 = request.version() != Version::HTTP_2;
-    let snapshot = worker.snapshot();
     let metrics = &worker.shared.metrics;
+    if http1 && let Err(framing) = check_framing(&request) {
+        // The body's end cannot be trusted: nothing after it on this connection either.
+        let mut response = fail_to_proxy(&ProxyError::Malformed(framing), metrics);
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    let snapshot = worker.snapshot();
     let route = match route(
         &snapshot,
         listener,

@@ -417,7 +417,7 @@ fn parse_content_length(value: &[u8]) -> Result<u64, FramingError> {
 
 /// The only transfer coding steer applies is one `chunked`, last: anything else either cannot
 /// be delimited (400) or would need a coding steer does not implement (501).
-fn check_transfer_coding(value: &[u8]) -> Result<(), FramingError> {
+pub(crate) fn check_transfer_coding(value: &[u8]) -> Result<(), FramingError> {
     let mut codings = 0;
     let mut chunked = 0;
     let mut last_chunked = false;
