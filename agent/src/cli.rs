@@ -141,8 +141,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
-    /// Progressive rollouts: where they stand, resume a rolled-back one, end a step's wait, promote
-    /// a finished one.
+    /// Progressive rollouts: where they stand, end a step's wait, abort one, resume a rolled-back
+    /// or aborted one, promote a finished one.
     Rollout {
         #[command(subcommand)]
         command: RolloutCommand,
@@ -166,7 +166,7 @@ enum RolloutCommand {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
-    /// Start a rolled-back release over from its first step (file mode; on Kubernetes,
+    /// Start a rolled-back or aborted release over from its first step (file mode; on Kubernetes,
     /// resume on the CanaryRelease).
     Resume {
         release: String,
@@ -177,6 +177,13 @@ enum RolloutCommand {
     /// far, and moves it on when it passes (file mode; on Kubernetes, the annotation
     /// steer.dev/rollout-continue on the CanaryRelease).
     Continue {
+        release: String,
+        #[arg(long, default_value_t = crate::admin::default_address())]
+        admin: std::net::SocketAddr,
+    },
+    /// Stop a release's rollout now: it takes no traffic until resumed (file mode; on
+    /// Kubernetes, the annotation steer.dev/rollout-abort with the reason as its value).
+    Abort {
         release: String,
         #[arg(long, default_value_t = crate::admin::default_address())]
         admin: std::net::SocketAddr,
@@ -472,6 +479,12 @@ fn run_rollout(command: RolloutCommand) -> ExitCode {
                 println!("continued `{release}`: its analysis runs now");
             })
         }
+        RolloutCommand::Abort { release, admin } => {
+            let path = format!("/rollouts/{}/abort", crate::client::url_encode(&release));
+            admin_call(admin, http::Method::POST, &path).map(|_| {
+                println!("aborted `{release}`: it takes no traffic until resumed");
+            })
+        }
         RolloutCommand::Promote {
             release,
             config,
@@ -511,9 +524,7 @@ fn promote_file(
         print!("{text}");
         return Ok(());
     }
-    let partial = path.with_extension("promoted.partial");
-    std::fs::write(&partial, &text)
-        .and_then(|()| std::fs::rename(&partial, path))
+    crate::files::write_atomically(path, text.as_bytes())
         .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
     eprintln!(
         "promoted `{release}` in {} (comments and layout are not kept); a running agent applies it",

@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod datapath;
 pub mod drain;
+pub mod files;
 pub mod kubernetes;
 pub mod metrics;
 pub mod proxy;

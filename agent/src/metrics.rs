@@ -76,11 +76,12 @@ pub struct PhaseLabels {
 }
 
 /// Every phase a rollout can be in, as its label.
-const PHASES: [(Phase, &str); 4] = [
+const PHASES: [(Phase, &str); 5] = [
     (Phase::Progressing, "Progressing"),
     (Phase::Succeeded, "Succeeded"),
     (Phase::Promoted, "Promoted"),
     (Phase::RolledBack, "RolledBack"),
+    (Phase::Aborted, "Aborted"),
 ];
 
 /// A request from one version to another under a release: the live page's edges.
@@ -257,7 +258,7 @@ impl Default for Metrics {
         let rollout_phase = Family::<PhaseLabels, Gauge>::default();
         registry.register(
             "rollout_phase",
-            "1 for the phase each rollout is in (Progressing, Succeeded, Promoted, RolledBack)",
+            "1 for the phase each rollout is in (Progressing, Succeeded, Promoted, RolledBack, Aborted)",
             rollout_phase.clone(),
         );
         // Series that exist from the start at 0, so that a rate over them is 0 rather than

@@ -418,6 +418,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .chain([options.admin])
         .chain(options.metrics)
         .collect();
+    // What the file was before it is read for the start: an edit made from then on (before the
+    // watcher first looks, on a busy node) is an edit all the same.
+    let file_read = match &options.source {
+        Source::File(path) => stamp_of(path),
+        Source::Kubernetes(_) => None,
+    };
     // The file must be valid to start; the cluster's objects arrive once the agent runs.
     let (snapshot, kubernetes, rollouts) = match &options.source {
         Source::File(path) => {
@@ -554,7 +560,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 rollouts.clone(),
                 Arc::new(applier.clone()),
             ));
-            tokio::spawn(watch_file(path.clone(), applier))
+            tokio::spawn(watch_file(path.clone(), applier, file_read))
         }
         (Source::Kubernetes(kube_options), Some(client)) => {
             let kube_options = KubernetesOptions {
@@ -614,9 +620,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
 /// Applies valid edits of the configuration file; an invalid edit is logged and the previous
 /// configuration keeps serving. A file is read only once it is stable: an editor that writes
 /// in place (truncate, then write) must not have its empty or half-written file applied.
-async fn watch_file(path: PathBuf, applier: Applier) {
+/// `seen` is the file's identity when it was last read.
+async fn watch_file(path: PathBuf, applier: Applier, mut seen: Option<(SystemTime, u64)>) {
     let origin = path.display().to_string();
-    let mut seen = stamp_of(&path);
     loop {
         tokio::time::sleep(WATCH_INTERVAL).await;
         let now = stamp_of(&path);

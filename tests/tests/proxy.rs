@@ -720,21 +720,43 @@ fn gateway_routes_pick_the_first_service_by_host_and_path_prefix() {
     )
     .unwrap();
     scenario.apply(&config).unwrap();
-    let served_by = |path: &str| {
-        let reply = http::get(
+    let ask = |host: &str, target: &str| {
+        http::get(
             scenario.gateway,
-            path,
-            &[("host", "shop.example:80"), ("x-region", "atlantis")],
+            target,
+            &[("host", host), ("x-region", "atlantis")],
         )
-        .unwrap();
-        assert_eq!(reply.status, 200, "{}", reply.body);
+        .unwrap()
+    };
+    let served_by = |host: &str, target: &str| {
+        let reply = ask(host, target);
+        assert_eq!(reply.status, 200, "{host} {target}: {}", reply.body);
         serde_json::from_str::<Hop>(&reply.body).unwrap().path()
     };
-    assert_eq!(served_by("/track/42"), "delivery/v2-green");
     assert_eq!(
-        served_by("/"),
+        served_by("shop.example:80", "/track/42"),
+        "delivery/v2-green"
+    );
+    assert_eq!(
+        served_by("shop.example:80", "/"),
         "order/v1 -> restaurant/v1 -> delivery/v2-green"
     );
+    // Hosts compare without case and without a trailing dot; an absolute-form target names
+    // the host over the Host header.
+    assert_eq!(served_by("SHOP.example.", "/track/1"), "delivery/v2-green");
+    assert_eq!(
+        served_by("internal-admin", "http://shop.example/track/1"),
+        "delivery/v2-green"
+    );
+    // The routes are the allowlist: a Host naming an internal service reaches nothing.
+    for host in [
+        "delivery",
+        "internal-admin",
+        "restaurant.food.svc.cluster.local",
+    ] {
+        let reply = ask(host, "/");
+        assert_eq!(reply.status, 404, "{host}: {}", reply.body);
+    }
 }
 
 #[test]

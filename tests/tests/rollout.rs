@@ -439,3 +439,178 @@ fn two_releases_roll_out_at_once_on_one_chain_one_fails_the_other_goes_on() {
     }
     assert_eq!(requests_to(&scenario, "delivery", "v2"), before);
 }
+
+/// The agent's rollout state file, as the agent keeps it next to its configuration.
+fn state_file(scenario: &Scenario) -> PathBuf {
+    PathBuf::from(format!("{}.rollouts.json", scenario.config_path.display()))
+}
+
+/// Restarts the agent after `edit` changed its state file (while it was stopped).
+fn restart_with_state(scenario: &mut Scenario, edit: impl FnOnce(&std::path::Path)) {
+    scenario.agent = None;
+    edit(&state_file(scenario));
+    scenario.start_agent().unwrap();
+}
+
+/// Users of `users` whose requests reached restaurant v2, the canary.
+fn canary_share(scenario: &Scenario, users: &[String]) -> f64 {
+    let paths = pass(scenario, users, &[ANDROID]);
+    let inside = paths
+        .iter()
+        .filter(|(code, path)| {
+            assert_eq!(*code, 200, "{path}");
+            path.contains("restaurant/v2")
+        })
+        .count();
+    inside as f64 / users.len() as f64 * 100.0
+}
+
+#[test]
+fn the_rollout_state_file_is_trusted_no_further_than_it_can_be_checked() {
+    let config = example(|config| {
+        config.releases.retain(|r| r.name == "android");
+        clock(config, "android", &[20.0, 50.0, 100.0], 3_600_000, 10);
+        no_latency_bound(config, "android");
+    });
+    let mut scenario = deploy(&config, &[]);
+    let users = users("a", 1000);
+    assert!((canary_share(&scenario, &users) - 20.0).abs() <= 4.0);
+
+    // Written through no link: a symlink planted at the name the agent once wrote its
+    // temporary file under (or any other) is left alone, and so is what it points to.
+    let state = state_file(&scenario);
+    let victim = state.with_file_name("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    restart_with_state(&mut scenario, |state| {
+        std::os::unix::fs::symlink(&victim, state.with_extension("json.partial")).unwrap();
+    });
+    let admin = scenario.admin.to_string();
+    let (ok, text) = steer(&["rollout", "continue", "android", "--admin", &admin]);
+    assert!(ok, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&scenario, "android")["step"] != 1 {
+        assert!(Instant::now() < deadline, "no step after continue");
+        pass(&scenario, &users[..100], &[ANDROID]);
+        steer(&["rollout", "continue", "android", "--admin", &admin]);
+    }
+    // Saved (just after it is shown), and not through the link.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let kept: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+        if kept["android"]["step"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not saved: {kept:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+
+    // The share comes from the rollout's steps, never from the file's figure.
+    restart_with_state(&mut scenario, |state| {
+        let mut kept: Value = serde_json::from_slice(&std::fs::read(state).unwrap()).unwrap();
+        kept["android"]["percent"] = 100.0.into();
+        std::fs::write(state, kept.to_string()).unwrap();
+    });
+    let share = canary_share(&scenario, &users);
+    assert!(
+        (share - 50.0).abs() <= 5.0,
+        "{share}% of the users, want 50%"
+    );
+
+    // A step the rollout does not have holds the release at 0%, and never stops the agent.
+    restart_with_state(&mut scenario, |state| {
+        let mut kept: Value = serde_json::from_slice(&std::fs::read(state).unwrap()).unwrap();
+        kept["android"]["step"] = 99.into();
+        kept["android"]["percent"] = 1e9.into();
+        std::fs::write(state, kept.to_string()).unwrap();
+    });
+    let held = status(&scenario, "android");
+    assert_eq!(held["phase"], "RolledBack", "{held:#}");
+    assert!(
+        held["message"].as_str().unwrap().contains("step 100"),
+        "{held:#}"
+    );
+    assert_eq!(canary_share(&scenario, &users), 0.0);
+
+    // A rolled-back release whose state file is damaged stays out of traffic: held, with the
+    // reason, the damaged file kept aside.
+    let (ok, text) = steer(&["rollout", "resume", "android", "--admin", &admin]);
+    assert!(ok, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while canary_share(&scenario, &users[..200]) == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the resumed step is not in force"
+        );
+    }
+    let damaged = std::cell::RefCell::new(Vec::new());
+    restart_with_state(&mut scenario, |state| {
+        let mut bytes = std::fs::read(state).unwrap();
+        bytes[1] = b'#';
+        std::fs::write(state, &bytes).unwrap();
+        *damaged.borrow_mut() = bytes;
+    });
+    let held = status(&scenario, "android");
+    assert_eq!(held["phase"], "RolledBack", "{held:#}");
+    assert!(
+        held["message"].as_str().unwrap().contains("unreadable"),
+        "{held:#}"
+    );
+    assert_eq!(canary_share(&scenario, &users), 0.0);
+    let dir = state.parent().unwrap();
+    let aside: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| {
+            path.display()
+                .to_string()
+                .contains(".rollouts.json.corrupt-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(std::fs::read(&aside[0]).unwrap(), *damaged.borrow());
+}
+
+#[test]
+fn an_aborted_rollout_sends_its_users_to_the_primary_until_resumed() {
+    let config = example(|config| {
+        config.releases.retain(|r| r.name == "android");
+        clock(config, "android", &[20.0, 50.0, 100.0], 3_600_000, 10);
+        no_latency_bound(config, "android");
+    });
+    let scenario = deploy(&config, &[]);
+    let users = users("a", 500);
+    assert!(canary_share(&scenario, &users) > 10.0);
+    let admin = scenario.admin.to_string();
+    let (ok, text) = steer(&["rollout", "abort", "android", "--admin", &admin]);
+    assert!(ok, "{text}");
+    let aborted = status(&scenario, "android");
+    assert_eq!(aborted["phase"], "Aborted", "{aborted:#}");
+    assert!(
+        aborted["message"]
+            .as_str()
+            .unwrap()
+            .contains("steer rollout abort"),
+        "{aborted:#}"
+    );
+    // In force at once (the next reload): nobody reaches the canary.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while canary_share(&scenario, &users) > 0.0 {
+        assert!(Instant::now() < deadline, "the abort is not in force");
+    }
+    let page = http::get(scenario.admin, "/ui/state", &[]).unwrap().body;
+    assert!(page.contains("\"verdict\":\"aborted\""), "{page}");
+    let (ok, text) = steer(&["rollout", "abort", "android", "--admin", &admin]);
+    assert!(!ok && text.contains("takes no traffic"), "{text}");
+    // Resumed: the first step again.
+    let (ok, text) = steer(&["rollout", "resume", "android", "--admin", &admin]);
+    assert!(ok, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while canary_share(&scenario, &users) == 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the resumed step is not in force"
+        );
+    }
+    assert_eq!(status(&scenario, "android")["step"], 0);
+}

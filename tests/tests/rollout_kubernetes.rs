@@ -654,3 +654,49 @@ async fn a_succeeded_rollout_is_promoted_and_a_refused_promotion_is_tried_again(
     }
     task.abort();
 }
+
+/// An abort annotation stops a rollout with its value as the reason (no figures needed); the
+/// resume annotation starts it over.
+#[tokio::test]
+async fn the_abort_annotation_stops_a_rollout_until_it_is_resumed() {
+    let config = Config::from_yaml(&fixture("[50, 100]", "1h"), "fixture").unwrap();
+    let server = ApiServer::start(objects_from_config(&config, Cluster::NAMESPACE)).await;
+    let (_trigger, drain) = steer::drain::channel();
+    let task = tokio::spawn(source_alone(server.client(), "node-1", None, drain));
+    let until = |what: &'static str, test: fn(&Value) -> bool| {
+        let server = server.clone();
+        async move {
+            let started = Instant::now();
+            loop {
+                let status = release_object(&server)["status"].clone();
+                if test(&status) {
+                    return status;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(120),
+                    "{what}: {status:#}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    until("the first step", |s| s["rollout"]["phase"] == "Progressing").await;
+    annotate(&server, "steer.dev/rollout-abort", "checkout broke on v2");
+    let aborted = until("the abort", |s| s["rollout"]["phase"] == "Aborted").await;
+    assert_eq!(
+        aborted["rolloutAbort"], "checkout broke on v2",
+        "{aborted:#}"
+    );
+    assert_eq!(aborted["rollout"]["percent"], 0.0, "{aborted:#}");
+    assert!(
+        aborted["rollout"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("checkout broke on v2"),
+        "{aborted:#}"
+    );
+    annotate(&server, "steer.dev/rollout-resume", "fixed");
+    let resumed = until("the resume", |s| s["rollout"]["phase"] == "Progressing").await;
+    assert_eq!(resumed["rollout"]["step"], 0, "{resumed:#}");
+    task.abort();
+}

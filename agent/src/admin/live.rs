@@ -235,6 +235,7 @@ impl Live {
                     targets: BTreeMap::new(),
                     verdict: match r.status.phase {
                         Phase::Promoted => "promoted",
+                        Phase::Aborted => "aborted",
                         _ => "rolled-back",
                     },
                     shadowed_by: vec![],
@@ -393,7 +394,7 @@ pub struct ReleaseView {
     pub targets: BTreeMap<String, String>,
     /// `accepted` or `shadowed`; with the Kubernetes source also `conflict` or `invalid` for a
     /// release left out (`shadowedBy` then names the releases involved, `shadowExample` why);
-    /// `rolled-back` or `promoted` for a rollout that takes no traffic.
+    /// `rolled-back`, `aborted` or `promoted` for a rollout that takes no traffic.
     pub verdict: &'static str,
     pub shadowed_by: Vec<String>,
     pub shadow_example: Option<String>,

@@ -225,11 +225,12 @@ fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Ful
     if let Some(response) = probe_or_metrics(admin, request.uri().path()) {
         return response;
     }
-    // A person's word on a rollout: POST /rollouts/NAME/resume or /rollouts/NAME/continue.
+    // A person's word on a rollout: POST /rollouts/NAME/resume, /continue or /abort.
     let action = (request.uri().path().strip_prefix("/rollouts/")).and_then(|rest| {
         [
             ("resume", Rollouts::resume as RolloutAction),
             ("continue", Rollouts::continue_now),
+            ("abort", Rollouts::abort),
         ]
         .into_iter()
         .find_map(|(word, act)| Some((word, rest.strip_suffix(word)?.strip_suffix('/')?, act)))
@@ -312,7 +313,7 @@ fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Ful
             StatusCode::NOT_FOUND,
             TEXT,
             "endpoints: / (the live page) /healthz /readyz /metrics /config \
-             /explain?service=..&header=Name:value /rollouts (POST /rollouts/NAME/resume, /rollouts/NAME/continue) \
+             /explain?service=..&header=Name:value /rollouts (POST /rollouts/NAME/resume, /rollouts/NAME/continue, /rollouts/NAME/abort) \
              /ui/state /ui/explain?header=Name:value\n"
                 .into(),
         ),

@@ -92,8 +92,9 @@ pub struct CanaryReleaseSpec {
     pub targets: BTreeMap<String, String>,
     /// Grow the release step by step on its own health (instead of `percent`; needs
     /// `hashBy`). Where it stands is in `status.rollout`; a rolled-back rollout starts over
-    /// when the annotation `steer.dev/rollout-resume` gets a new value, and a step's analysis
-    /// runs at once when `steer.dev/rollout-continue` gets one.
+    /// when the annotation `steer.dev/rollout-resume` gets a new value, a step's analysis
+    /// runs at once when `steer.dev/rollout-continue` gets one, and the rollout stops when
+    /// `steer.dev/rollout-abort` gets one (the reason).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
 }
@@ -126,6 +127,11 @@ pub struct CanaryReleaseStatus {
     /// of: a different value ends the wait of a progressing step (its analysis runs then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_continue: Option<String>,
+    /// The value of the annotation `steer.dev/rollout-abort` (the reason) the rollout last
+    /// took notice of: a different value stops the rollout (its release takes no traffic
+    /// until resumed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_abort: Option<String>,
 }
 
 impl CanaryReleaseStatus {
@@ -135,6 +141,7 @@ impl CanaryReleaseStatus {
             rollout: None,
             rollout_resume: None,
             rollout_continue: None,
+            rollout_abort: None,
             ..self.clone()
         }
     }

@@ -46,6 +46,9 @@ pub const RESUME_ANNOTATION: &str = "steer.dev/rollout-resume";
 /// A new value ends the wait of a progressing step: its analysis runs at once, over the step
 /// so far (the value last acted on is `status.rolloutContinue`).
 pub const CONTINUE_ANNOTATION: &str = "steer.dev/rollout-continue";
+/// A new value (the reason) stops the rollout: its release takes no traffic until resumed
+/// (the value last acted on is `status.rolloutAbort`).
+pub const ABORT_ANNOTATION: &str = "steer.dev/rollout-abort";
 /// How often the writer looks for due analyses: well within the shortest sensible interval.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -145,6 +148,7 @@ pub struct Driver {
 struct Asks {
     resume: Option<String>,
     proceed: Option<String>,
+    abort: Option<String>,
 }
 
 impl Asks {
@@ -153,6 +157,7 @@ impl Asks {
         Asks {
             resume: value(RESUME_ANNOTATION),
             proceed: value(CONTINUE_ANNOTATION),
+            abort: value(ABORT_ANNOTATION),
         }
     }
 
@@ -161,6 +166,7 @@ impl Asks {
         Asks {
             resume: status.and_then(|s| s.rollout_resume.clone()),
             proceed: status.and_then(|s| s.rollout_continue.clone()),
+            abort: status.and_then(|s| s.rollout_abort.clone()),
         }
     }
 }
@@ -240,6 +246,13 @@ impl Driver {
             info!(release = %release.name, "rollout begins");
             return Some((rollout::begin(release, rollout, now), asked));
         };
+        // Anyone who may write the status could write any figure in it: the share comes from
+        // the steps, and a step the rollout lacks holds the release (written, so it shows).
+        let fitted = rollout::fitted(current, release, rollout, now);
+        if fitted.phase != current.phase {
+            return Some((fitted, noted));
+        }
+        let current = &fitted;
         if asked.resume != noted.resume {
             // A continue asked with it was about the run that is over: noted too.
             let resumed = match (asked.resume.as_ref())
@@ -256,6 +269,23 @@ impl Driver {
                 None => current.clone(),
             };
             return Some((resumed, asked));
+        }
+        if asked.abort != noted.abort {
+            let aborted = match (asked.abort.as_ref())
+                .map(|reason| current.aborted(&release.name, reason, now))
+            {
+                Some(Ok(aborted)) => {
+                    info!(release = %release.name, "rollout aborted by its annotation");
+                    aborted
+                }
+                Some(Err(reason)) => {
+                    info!(release = %release.name, reason, "abort annotation: nothing to abort");
+                    current.clone()
+                }
+                None => current.clone(),
+            };
+            noted.abort = asked.abort;
+            return Some((aborted, noted));
         }
         let mut current = current.clone();
         if asked.proceed != noted.proceed {
@@ -408,6 +438,7 @@ impl Driver {
                 "rollout": merge_patch(&old, new),
                 "rolloutResume": asks.resume,
                 "rolloutContinue": asks.proceed,
+                "rolloutAbort": asks.abort,
             },
         });
         if guarded {

@@ -114,46 +114,63 @@ pub fn route<'s>(
     })
 }
 
-/// The service a request is for when its connection did not say: the gateway's routes, or a
-/// Host naming a service (by name, or one of its addresses).
+/// The service a request is for when its connection did not say. At the gateway, configured
+/// routes are the allowlist: what none of them takes is refused. Without routes (and for a
+/// redirect-listener connection the datapath did not redirect) the host names a service, by
+/// name or by one of its addresses.
 fn service_from_request<'s>(
     snapshot: &'s Snapshot,
     listener: Listener,
     request: &(impl RequestView + ?Sized),
 ) -> Option<&'s ServiceRoutes> {
-    let host = request.host().or_else(|| request.authority()).unwrap_or("");
-    if host.len() > MAX_HOST_LEN {
+    let authority = authority_of(request);
+    if authority.len() > MAX_HOST_LEN {
         return None;
     }
-    let bare_host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-    if listener == Listener::Gateway {
+    let host = host_of(authority);
+    let routes = &snapshot.config.gateway.routes;
+    if listener == Listener::Gateway && !routes.is_empty() {
         let path = request.path();
-        let routed = snapshot.config.gateway.routes.iter().find(|route| {
-            route
-                .host
-                .as_deref()
-                .is_none_or(|h| h.eq_ignore_ascii_case(bare_host))
+        let routed = routes.iter().find(|route| {
+            route.host.as_deref().is_none_or(|h| host_of(h) == host)
                 && route
                     .path_prefix
                     .as_deref()
                     .is_none_or(|p| path.starts_with(p))
-        });
-        if let Some(route) = routed {
-            return snapshot.service(&route.service);
-        }
+        })?;
+        return snapshot.service(&routed.service);
     }
-    if let Ok(address) = host.parse() {
+    if let Ok(address) = authority.parse() {
         return snapshot.service_at(address);
     }
     // The longest leading part that names a service: `restaurant.food.svc.cluster.local` is
     // `restaurant.food` on Kubernetes and `restaurant` in a file.
-    let mut name = bare_host;
+    let mut name = host.as_str();
     loop {
         if let Some(service) = snapshot.service(name) {
             return Some(service);
         }
         name = name.rsplit_once('.')?.0;
     }
+}
+
+/// The authority a request names: an absolute-form target's, or HTTP/2's `:authority` (both
+/// are the URI's), over the Host header (RFC 9112 section 3.2.2; nginx and Envoy route so).
+fn authority_of(request: &(impl RequestView + ?Sized)) -> &str {
+    request
+        .authority()
+        .or_else(|| request.host())
+        .unwrap_or("")
+}
+
+/// A host as names compare: without its port, in lower case, without a trailing dot.
+fn host_of(authority: &str) -> String {
+    let host = match authority.rsplit_once(':') {
+        // An IPv6 literal's colons are inside its brackets.
+        Some((host, port)) if !port.contains(']') => host,
+        _ => authority,
+    };
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -383,10 +400,46 @@ mod tests {
     }
 
     #[test]
+    fn configured_gateway_routes_are_the_allowlist_and_hosts_compare_without_case_or_trailing_dot()
+    {
+        let routes = "gateway:\n  routes:\n    - { host: shop.example, service: restaurant }\n";
+        let snapshot = snapshot(routes);
+        for host in [
+            "shop.example",
+            "SHOP.Example",
+            "shop.example.",
+            "shop.example.:443",
+        ] {
+            let found = routed(&snapshot, Listener::Gateway, None, &[("host", host)]);
+            assert_eq!(found.0, "restaurant", "{host}");
+        }
+        // A Host naming an internal service reaches nothing at the gateway.
+        for host in ["order", "internal-admin", "10.96.0.20:80"] {
+            let request = request(&[("host", host)]);
+            let refused = route(&snapshot, Listener::Gateway, None, &keys(), &request);
+            assert!(matches!(refused, Err(ProxyError::NoService)), "{host}");
+        }
+    }
+
+    #[test]
+    fn an_absolute_form_target_or_http2_authority_names_the_host_over_the_host_header() {
+        let snapshot = snapshot("");
+        let request = Request::builder()
+            .uri("http://DELIVERY./track")
+            .header("host", "order")
+            .body(())
+            .unwrap();
+        let found = route(&snapshot, Listener::Gateway, None, &keys(), &request).unwrap();
+        assert_eq!(&*found.service.name, "delivery");
+    }
+
+    #[test]
     fn a_host_names_a_service_by_its_longest_leading_part_or_by_address() {
         let snapshot = snapshot("");
         for host in [
             "restaurant",
+            "RESTAURANT",
+            "restaurant.",
             "restaurant:80",
             "restaurant.food.svc.cluster.local",
             "10.96.0.20:80",

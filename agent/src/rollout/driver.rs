@@ -3,8 +3,8 @@
 //! each due step from the node's own figures and puts the next step's rules in force.
 
 use std::{
-    collections::HashSet,
-    path::PathBuf,
+    collections::{BTreeMap, HashSet},
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     check::{self, Report},
-    config::Config,
+    config::{Config, Release},
 };
 
 /// What the driver needs of the agent: put a configuration in force, and read the figures.
@@ -49,8 +49,91 @@ struct Inner {
     /// The checker's report of `source`: the report of every step's configuration too.
     report: Report,
     book: Book,
-    /// A person resumed a rollout: its first step is to be put in force.
+    /// A person resumed or aborted a rollout: its new share is to be put in force.
     pending: bool,
+    /// Statuses the state file had and that could not be read, until the first apply holds
+    /// their releases.
+    unreadable: Unreadable,
+}
+
+/// What of the state file could not be read.
+#[derive(Debug, Default, PartialEq)]
+enum Unreadable {
+    #[default]
+    Nothing,
+    /// The whole file: every rolling release.
+    All(String),
+    /// These releases' statuses: name -> why.
+    Some(BTreeMap<String, String>),
+}
+
+impl Unreadable {
+    fn reason(&self, release: &str) -> Option<&str> {
+        match self {
+            Unreadable::Nothing => None,
+            Unreadable::All(reason) => Some(reason),
+            Unreadable::Some(reasons) => reasons.get(release).map(String::as_str),
+        }
+    }
+}
+
+/// Far more than the statuses of any configuration the agent accepts.
+const STATE_FILE_LIMIT: u64 = 32 << 20;
+
+/// The statuses in the state file at `path`, and what of it could not be read (the file is
+/// then moved aside to `<path>.corrupt-<time>`, and the log says where).
+fn read_state(path: &Path) -> (Book, Unreadable) {
+    let parsed = crate::files::read_bounded(path, STATE_FILE_LIMIT)
+        .map_err(|err| err.to_string())
+        .and_then(|bytes| match bytes {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(&bytes)
+                .map(Some)
+                .map_err(|err| err.to_string()),
+        });
+    let (book, unreadable) = match parsed {
+        Ok(None) => return (Book::new(), Unreadable::Nothing),
+        Ok(Some(entries)) => {
+            let mut book = Book::new();
+            let mut reasons = BTreeMap::new();
+            for (name, value) in entries {
+                match serde_json::from_value::<RolloutStatus>(value) {
+                    Ok(status) => {
+                        book.insert(name, status);
+                    }
+                    Err(err) => {
+                        reasons.insert(name, format!("its kept status is unreadable ({err})"));
+                    }
+                }
+            }
+            let unreadable = if reasons.is_empty() {
+                Unreadable::Nothing
+            } else {
+                Unreadable::Some(reasons)
+            };
+            (book, unreadable)
+        }
+        Err(err) => (
+            Book::new(),
+            Unreadable::All(format!("the rollout state file is unreadable ({err})")),
+        ),
+    };
+    if unreadable != Unreadable::Nothing {
+        let aside = PathBuf::from(format!(
+            "{}.corrupt-{}",
+            path.display(),
+            jiff::Timestamp::now().as_second()
+        ));
+        match std::fs::rename(path, &aside) {
+            Ok(()) => {
+                warn!(file = %path.display(), kept = %aside.display(), ?unreadable, "rollout statuses unreadable: their releases are held at 0% until resumed")
+            }
+            Err(err) => {
+                warn!(file = %path.display(), error = %err, ?unreadable, "rollout statuses unreadable (and the file could not be moved aside): their releases are held at 0% until resumed")
+            }
+        }
+    }
+    (book, unreadable)
 }
 
 /// The rollouts of the agent and the configuration they are part of.
@@ -84,23 +167,16 @@ const FASTEST_TICK: Duration = Duration::from_millis(50);
 const SLOWEST_TICK: Duration = Duration::from_secs(1);
 
 impl Rollouts {
-    /// The statuses kept in `state_file` (none when it is absent or unreadable: the rollouts
-    /// start over, which is logged).
+    /// The statuses kept in `state_file`. What cannot be read is not guessed: each release
+    /// whose status is unreadable (all of them, when the file is) is held at 0% at the first
+    /// apply, until a person resumes it, and the damaged file is kept aside, never
+    /// overwritten.
     pub fn load(state_file: Option<PathBuf>) -> Rollouts {
-        let book = state_file
-            .as_ref()
-            .and_then(|path| {
-                let text = std::fs::read_to_string(path).ok()?;
-                serde_json::from_str(&text)
-                    .inspect_err(|err| {
-                        warn!(file = %path.display(), error = %err, "rollout statuses unreadable; rollouts start over")
-                    })
-                    .ok()
-            })
-            .unwrap_or_default();
+        let (book, unreadable) = state_file.as_deref().map(read_state).unwrap_or_default();
         Rollouts {
             inner: Mutex::new(Inner {
                 book,
+                unreadable,
                 ..Inner::default()
             }),
             state_file,
@@ -135,11 +211,24 @@ impl Rollouts {
     ) -> Result<()> {
         let mut inner = self.lock();
         let report = check::check(&source);
-        let book = super::reconcile(&source, &inner.book, jiff::Timestamp::now());
+        let now = jiff::Timestamp::now();
+        let mut book = super::reconcile(&source, &inner.book, now);
+        for release in &source.releases {
+            if let (Some(rollout), Some(reason)) =
+                (&release.rollout, inner.unreadable.reason(&release.name))
+                && !inner.book.contains_key(&release.name)
+            {
+                book.insert(
+                    release.name.clone(),
+                    super::held(release, rollout, reason, now),
+                );
+            }
+        }
         apply(super::effective(&source, &book), report.clone())?;
         inner.source = source;
         inner.report = report;
         inner.book = book;
+        inner.unreadable = Unreadable::Nothing;
         self.publish(&inner.source, &inner.book);
         Ok(())
     }
@@ -161,55 +250,58 @@ impl Rollouts {
             .clone()
     }
 
-    /// Starts a rolled-back release over from its first step (put in force by the driver at
-    /// once).
+    /// Starts a rolled-back or aborted release over from its first step (put in force by the
+    /// driver at once).
     pub fn resume(&self, name: &str) -> Result<RolloutStatus, String> {
-        if !self.drives {
-            return Err(format!(
-                "rollouts are kept in the cluster: resume `{name}` on its CanaryRelease \
-                 (README: progressive rollout)"
-            ));
-        }
-        let mut inner = self.lock();
-        let release = inner
-            .source
-            .releases
-            .iter()
-            .find(|r| r.name == name)
-            .ok_or_else(|| format!("no release `{name}`"))?;
-        let status = inner
-            .book
-            .get(name)
-            .ok_or_else(|| format!("release `{name}` has no rollout"))?;
-        let resumed = super::resume(release, status, jiff::Timestamp::now())?;
-        info!(release = name, "rollout resumed by request");
-        inner.book.insert(name.to_string(), resumed.clone());
-        self.publish(&inner.source, &inner.book);
-        inner.pending = true;
-        self.asked.notify_one();
-        Ok(resumed)
+        self.ask(name, "resume", true, |release, status, now| {
+            super::resume(release, status, now)
+        })
+    }
+
+    /// Stops a release's rollout now: it takes no traffic (put in force by the driver at once)
+    /// until resumed.
+    pub fn abort(&self, name: &str) -> Result<RolloutStatus, String> {
+        self.ask(name, "abort", true, |release, status, now| {
+            status.aborted(&release.name, "a person asked (steer rollout abort)", now)
+        })
     }
 
     /// Ends the wait of a progressing release's step: the driver samples the figures and runs
     /// its analysis at once (over the step so far; see `RolloutStatus::continued`).
     pub fn continue_now(&self, name: &str) -> Result<RolloutStatus, String> {
+        self.ask(name, "continue", false, |release, status, now| {
+            status.continued(&release.name, now)
+        })
+    }
+
+    /// A person's word (`word`) on release `name`'s rollout: `change` gives its new status,
+    /// which the driver acts on at once (and puts in force, when `reroutes`).
+    fn ask(
+        &self,
+        name: &str,
+        word: &str,
+        reroutes: bool,
+        change: impl FnOnce(&Release, &RolloutStatus, jiff::Timestamp) -> Result<RolloutStatus, String>,
+    ) -> Result<RolloutStatus, String> {
         if !self.drives {
             return Err(format!(
-                "rollouts are kept in the cluster: continue `{name}` on its CanaryRelease \
+                "rollouts are kept in the cluster: {word} `{name}` on its CanaryRelease \
                  (README: progressive rollout)"
             ));
         }
         let mut inner = self.lock();
-        let status = inner
-            .book
-            .get(name)
-            .ok_or_else(|| format!("release `{name}` has no rollout"))?;
-        let continued = status.continued(name, jiff::Timestamp::now())?;
-        info!(release = name, "rollout continued by request: analysis now");
-        inner.book.insert(name.to_string(), continued.clone());
+        let release = (inner.source.releases.iter())
+            .find(|r| r.name == name)
+            .ok_or_else(|| format!("no release `{name}`"))?;
+        let status =
+            (inner.book.get(name)).ok_or_else(|| format!("release `{name}` has no rollout"))?;
+        let changed = change(release, status, jiff::Timestamp::now())?;
+        info!(release = name, word, "rollout: a person's word");
+        inner.book.insert(name.to_string(), changed.clone());
         self.publish(&inner.source, &inner.book);
+        inner.pending |= reroutes;
         self.asked.notify_one();
-        Ok(continued)
+        Ok(changed)
     }
 
     /// What to sample while some rollout is progressing.
@@ -252,12 +344,13 @@ impl Rollouts {
             report,
             book,
             pending,
+            ..
         } = &mut *inner;
         let mut changed = std::mem::take(pending);
         if changed {
             let config = super::effective(source, book);
             if let Err(err) = applies.apply_effective(config, report.clone()) {
-                warn!(error = %format!("{err:#}"), "resumed rollout not applied");
+                warn!(error = %format!("{err:#}"), "resumed or aborted rollout not applied");
             }
         }
         let due: Vec<String> = book
@@ -330,13 +423,9 @@ impl Rollouts {
         let Some(path) = &self.state_file else {
             return;
         };
-        let written = (|| -> Result<()> {
-            let partial = path.with_extension("json.partial");
-            std::fs::write(&partial, serde_json::to_vec_pretty(book)?)
-                .with_context(|| format!("cannot write {}", partial.display()))?;
-            std::fs::rename(&partial, path)
-                .with_context(|| format!("cannot replace {}", path.display()))
-        })();
+        let bytes = serde_json::to_vec_pretty(book).expect("statuses serialise");
+        let written = crate::files::write_atomically(path, &bytes)
+            .with_context(|| format!("cannot write {}", path.display()));
         if let Err(err) = written {
             warn!(error = %format!("{err:#}"), "rollout statuses not saved");
         }

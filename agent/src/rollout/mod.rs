@@ -47,6 +47,8 @@ pub enum Phase {
     Promoted,
     /// An analysis failed: the release takes no traffic until a person resumes it.
     RolledBack,
+    /// A person stopped it: the release takes no traffic until a person resumes it.
+    Aborted,
 }
 
 /// One release's rollout: kept by the agent (file mode) or in the CanaryRelease's status.
@@ -117,8 +119,35 @@ impl RolloutStatus {
     pub fn share(&self) -> Option<f64> {
         match self.phase {
             Phase::Progressing | Phase::Succeeded => Some(self.percent),
-            Phase::Promoted | Phase::RolledBack => None,
+            Phase::Promoted | Phase::RolledBack | Phase::Aborted => None,
         }
+    }
+
+    /// A person's word to stop the rollout now: the release takes no traffic from the next
+    /// apply on, until resumed. A rollout that is over (promoted) or already out is left.
+    pub fn aborted(
+        &self,
+        release: &str,
+        reason: &str,
+        now: jiff::Timestamp,
+    ) -> Result<RolloutStatus, String> {
+        if !matches!(self.phase, Phase::Progressing | Phase::Succeeded) {
+            return Err(format!(
+                "release `{release}` takes no traffic of its own ({})",
+                self.message
+            ));
+        }
+        Ok(RolloutStatus {
+            phase: Phase::Aborted,
+            percent: 0.0,
+            next_analysis_at: None,
+            message: format!(
+                "aborted at {now:.0} at step {} ({}%): {reason}; resume to start over",
+                self.step + 1,
+                self.percent
+            ),
+            ..self.clone()
+        })
     }
 
     /// Where an analysis takes the rollout: the next step when it passed (or, past the last,
@@ -232,7 +261,7 @@ impl RolloutStatus {
     }
 }
 
-/// A person's word to start a rolled-back release over from its first step.
+/// A person's word to start a rolled-back or aborted release over from its first step.
 pub fn resume(
     release: &Release,
     status: &RolloutStatus,
@@ -242,9 +271,9 @@ pub fn resume(
         .rollout
         .as_ref()
         .ok_or_else(|| format!("release `{}` has no rollout", release.name))?;
-    if status.phase != Phase::RolledBack {
+    if !matches!(status.phase, Phase::RolledBack | Phase::Aborted) {
         return Err(format!(
-            "release `{}` is not rolled back ({})",
+            "release `{}` is not rolled back or aborted ({})",
             release.name, status.message
         ));
     }
@@ -254,9 +283,52 @@ pub fn resume(
     })
 }
 
+/// A release kept out of traffic until a person resumes it, because what was kept of its
+/// rollout cannot be trusted (`reason`): unsafe to guess, since it may have been rolled back.
+pub fn held(
+    release: &Release,
+    rollout: &Rollout,
+    reason: &str,
+    now: jiff::Timestamp,
+) -> RolloutStatus {
+    RolloutStatus {
+        phase: Phase::RolledBack,
+        percent: 0.0,
+        next_analysis_at: None,
+        message: format!("held at 0%: {reason}; resume to start over"),
+        ..begin(release, rollout, now)
+    }
+}
+
+/// A kept status as far as it fits its rollout: the share comes from the rollout's steps,
+/// never from the kept figure, and a step the rollout does not have holds the release.
+pub fn fitted(
+    status: &RolloutStatus,
+    release: &Release,
+    rollout: &Rollout,
+    now: jiff::Timestamp,
+) -> RolloutStatus {
+    if status.step > rollout.last_step() {
+        let reason = format!(
+            "the kept status is at step {} of a rollout of {} steps",
+            status.step + 1,
+            rollout.steps.len()
+        );
+        return held(release, rollout, &reason, now);
+    }
+    let percent = match status.phase {
+        Phase::Progressing | Phase::Succeeded => rollout.percent_at(status.step),
+        Phase::Promoted | Phase::RolledBack | Phase::Aborted => 0.0,
+    };
+    RolloutStatus {
+        percent,
+        ..status.clone()
+    }
+}
+
 /// The statuses for `config`'s rollouts: a release keeps its status while its rollout and
-/// targets stay the same; a new or changed one begins at `now`; statuses of releases that
-/// are gone, or no longer roll out, are dropped.
+/// targets stay the same (as far as it fits them); a new or changed one begins at `now`;
+/// statuses of releases that are gone, or no longer roll out, are dropped.
 pub fn reconcile(config: &Config, book: &Book, now: jiff::Timestamp) -> Book {
     config
         .releases
@@ -266,7 +338,7 @@ pub fn reconcile(config: &Config, book: &Book, now: jiff::Timestamp) -> Book {
             let status = book
                 .get(&release.name)
                 .filter(|status| status.fingerprint == fingerprint(release))
-                .cloned()
+                .map(|status| fitted(status, release, rollout, now))
                 .unwrap_or_else(|| begin(release, rollout, now));
             Some((release.name.clone(), status))
         })

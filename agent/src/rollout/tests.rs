@@ -335,3 +335,153 @@ fn the_checker_refuses_an_unusable_rollout_and_checks_a_good_one_at_its_last_ste
         "{report:?}"
     );
 }
+
+#[test]
+fn a_kept_status_gives_the_share_of_its_step_and_a_step_the_rollout_lacks_holds_the_release() {
+    let config = config();
+    let release = &config.releases[0];
+    let rollout = release.rollout.as_ref().unwrap();
+    let forged = RolloutStatus {
+        percent: 100.0,
+        ..begin(release, rollout, t(0))
+    };
+    let book = reconcile(
+        &config,
+        &[("android".to_string(), forged.clone())].into(),
+        t(1),
+    );
+    assert_eq!(
+        book["android"].percent, 1.0,
+        "the share is steps[0], not the file's"
+    );
+    let beyond = RolloutStatus { step: 99, ..forged };
+    let book = reconcile(&config, &[("android".to_string(), beyond)].into(), t(1));
+    let held = &book["android"];
+    assert_eq!((held.phase, held.share()), (Phase::RolledBack, None));
+    assert!(
+        held.message.contains("step 100 of a rollout of 6 steps"),
+        "{}",
+        held.message
+    );
+    // A person resumes it like any rolled-back release.
+    assert_eq!(resume(release, held, t(2)).unwrap().step, 0);
+}
+
+#[test]
+fn an_unreadable_state_file_holds_every_rolling_release_and_is_kept_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("steer.yaml.rollouts.json");
+    let config = config();
+    let release = &config.releases[0];
+    let rolled_back = RolloutStatus {
+        phase: Phase::RolledBack,
+        percent: 0.0,
+        ..begin(release, release.rollout.as_ref().unwrap(), t(0))
+    };
+    let mut text = serde_json::to_string(&Book::from([("android".into(), rolled_back)])).unwrap();
+    // One damaged byte.
+    text.replace_range(2..3, "\u{1}");
+    std::fs::write(&state, &text).unwrap();
+    let rollouts = driver::Rollouts::load(Some(state.clone()));
+    let mut applied = None;
+    rollouts
+        .apply_source(config.clone(), |effective, _| {
+            applied = Some(effective);
+            Ok(())
+        })
+        .unwrap();
+    let effective = applied.unwrap();
+    assert!(
+        !effective.releases.iter().any(|r| r.name == "android"),
+        "a release whose status is lost takes no traffic"
+    );
+    let view = &rollouts.views()[0];
+    assert_eq!(view.status.phase, Phase::RolledBack);
+    assert!(
+        view.status.message.contains("unreadable"),
+        "{}",
+        view.status.message
+    );
+    // The damaged file is kept; the statuses are written anew.
+    let kept: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.starts_with("steer.yaml.rollouts.json.corrupt-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let kept = std::fs::read_to_string(dir.path().join(&kept[0])).unwrap();
+    assert_eq!(kept, text);
+    let written: Book = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(written["android"].phase, Phase::RolledBack);
+}
+
+#[test]
+fn one_unreadable_status_holds_only_its_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("s.json");
+    let mut config = config();
+    let mut second = config.releases[0].clone();
+    second.name = "android-2".into();
+    second.priority = 3;
+    second.targets = [("restaurant".to_string(), "v3".to_string())].into();
+    second.matchers[0].exact = Some("iphone".into());
+    config.releases.retain(|r| r.name != "fixed");
+    config.releases.push(second);
+    let begun = begin(
+        &config.releases[0],
+        config.releases[0].rollout.as_ref().unwrap(),
+        t(0),
+    );
+    let good = serde_json::to_value(&begun).unwrap();
+    let text = serde_json::json!({"android": good, "android-2": {"phase": "Sideways"}});
+    std::fs::write(&state, text.to_string()).unwrap();
+    let rollouts = driver::Rollouts::load(Some(state));
+    rollouts.apply_source(config, |_, _| Ok(())).unwrap();
+    let views = rollouts.views();
+    let phase = |name: &str| {
+        views
+            .iter()
+            .find(|v| v.release == name)
+            .unwrap()
+            .status
+            .phase
+    };
+    assert_eq!(phase("android"), Phase::Progressing);
+    assert_eq!(phase("android-2"), Phase::RolledBack);
+}
+
+#[test]
+fn an_aborted_rollout_takes_no_traffic_until_resumed() {
+    let config = config();
+    let release = &config.releases[0];
+    let rollout = release.rollout.as_ref().unwrap();
+    let progressing = begin(release, rollout, t(0));
+    let aborted = progressing
+        .aborted("android", "checkout broke", t(30))
+        .unwrap();
+    assert_eq!((aborted.phase, aborted.share()), (Phase::Aborted, None));
+    assert!(
+        aborted.message.contains("checkout broke"),
+        "{}",
+        aborted.message
+    );
+    assert!(!aborted.due(t(1_000)), "no analysis while aborted");
+    let book = Book::from([("android".to_string(), aborted.clone())]);
+    assert!(
+        !effective(&config, &book)
+            .releases
+            .iter()
+            .any(|r| r.name == "android")
+    );
+    // Kept across a reload, and a restart's reconcile.
+    assert_eq!(
+        reconcile(&config, &book, t(40))["android"].phase,
+        Phase::Aborted
+    );
+    let resumed = resume(release, &aborted, t(60)).unwrap();
+    assert_eq!((resumed.phase, resumed.step), (Phase::Progressing, 0));
+    // Nothing to abort once it is out of traffic.
+    assert!(aborted.aborted("android", "again", t(70)).is_err());
+    let rolled_back = progressing.after_analysis(rollout, record(Outcome::Failed), t(120));
+    assert!(rolled_back.aborted("android", "late", t(130)).is_err());
+}
