@@ -854,6 +854,8 @@ fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
             Ok(0) => return true,
             Ok(_) => continue,
             Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            // A signal to the test process is not the peer's doing.
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return false,
         }
     }
@@ -1413,6 +1415,7 @@ fn an_upstream_stalling_mid_body_is_cut_off_and_an_unasked_101_is_a_502() {
             Ok(0) => break,
             Ok(n) => received.extend_from_slice(&chunk[..n]),
             Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(err) => panic!(
                 "still open: {err} after {:?}",
                 String::from_utf8_lossy(&received)

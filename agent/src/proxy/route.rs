@@ -154,13 +154,10 @@ fn service_from_request<'s>(
     }
 }
 
-/// The authority a request names: an absolute-form target's, or HTTP/2's `:authority` (both
-/// are the URI's), over the Host header (RFC 9112 section 3.2.2; nginx and Envoy route so).
+/// The authority a request names: an absolute-form target's, or HTTP/2's `:authority`, over
+/// the Host header (RFC 9112 section 3.2.2; nginx and Envoy route so).
 fn authority_of(request: &(impl RequestView + ?Sized)) -> &str {
-    request
-        .authority()
-        .or_else(|| request.host())
-        .unwrap_or("")
+    request.authority().or_else(|| request.host()).unwrap_or("")
 }
 
 /// A host as names compare: without its port, in lower case, without a trailing dot.
