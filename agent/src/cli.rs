@@ -71,6 +71,18 @@ enum Command {
         /// while the admin server (which shows the rules) stays on loopback.
         #[arg(long, value_parser = metrics_address)]
         metrics: Option<std::net::SocketAddr>,
+        /// Seconds a client of the admin server or the metrics listener may take to send a
+        /// request's headers, from their first byte.
+        #[arg(long, default_value_t = crate::admin::Limits::default().header_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+        admin_header_timeout: u64,
+        /// Seconds a connection to the admin server or the metrics listener may stay open
+        /// with nothing sent or read (before a request, inside a body, with a response unread).
+        #[arg(long, default_value_t = crate::admin::Limits::default().idle_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+        admin_idle_timeout: u64,
+        /// Connections the admin server and the metrics listener each keep open at once; more
+        /// are closed at accept, so they can never take the proxy's file descriptors.
+        #[arg(long, default_value_t = crate::admin::Limits::default().max_connections as u64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+        admin_max_connections: u64,
         /// The north-south entry: incoming stamps are removed, the rules decide (IP:PORT, or
         /// a bare IP: port 15080).
         #[arg(long, value_parser = crate::run::gateway_address)]
@@ -108,8 +120,9 @@ enum Command {
         #[arg(long)]
         gateway_debug_headers: bool,
         /// The file of keys stamps are signed with, one per line: the first signs, all verify
-        /// (rotation). Default: `steer-stamp.key` next to --config (made when absent), or
-        /// /etc/steer/stamp-key/keys (the DaemonSet's Secret) with --kubernetes.
+        /// (rotation). It must exist and be writable by its owner alone. Default:
+        /// `steer-stamp.key` next to --config (made when absent), or /etc/steer/stamp-key/keys
+        /// (the DaemonSet's Secret) with --kubernetes.
         #[arg(long)]
         stamp_key: Option<PathBuf>,
     },
@@ -233,6 +246,9 @@ impl Cli {
                 listen,
                 admin,
                 metrics,
+                admin_header_timeout,
+                admin_idle_timeout,
+                admin_max_connections,
                 gateway,
                 cgroup,
                 no_ebpf,
@@ -258,6 +274,11 @@ impl Cli {
                 listen,
                 admin,
                 metrics,
+                admin_limits: crate::admin::Limits {
+                    header_timeout: std::time::Duration::from_secs(admin_header_timeout),
+                    idle_timeout: std::time::Duration::from_secs(admin_idle_timeout),
+                    max_connections: admin_max_connections as usize,
+                },
                 gateway,
                 cgroup,
                 no_ebpf,
@@ -545,8 +566,12 @@ fn admin_call(
         .map_err(|err| format!("cannot start a runtime: {err}"))?;
     let authority = admin.to_string();
     let peer = "the agent's admin server";
+    // The marker the admin server wants on a state change: this is no web page's form.
+    let marker = [(crate::admin::policy::MARKER, "1")];
     let (status, body) = runtime
-        .block_on(crate::client::request(peer, &authority, method, path))
+        .block_on(crate::client::request(
+            peer, &authority, method, path, &marker,
+        ))
         .map_err(|err| format!("{err:#}"))?;
     if status.is_success() {
         Ok(body)

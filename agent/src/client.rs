@@ -7,13 +7,14 @@ use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
-/// `method path` to `peer` (named in errors, e.g. "Prometheus") at `authority` (`host:port`):
-/// the status and the body (as text).
+/// `method path` to `peer` (named in errors, e.g. "Prometheus") at `authority` (`host:port`),
+/// with `headers` besides `Host`: the status and the body (as text).
 pub async fn request(
     peer: &str,
     authority: &str,
     method: Method,
     path: &str,
+    headers: &[(&str, &str)],
 ) -> Result<(StatusCode, String)> {
     let stream = tokio::net::TcpStream::connect(authority)
         .await
@@ -22,10 +23,14 @@ pub async fn request(
         .await
         .with_context(|| format!("{peer}: HTTP handshake"))?;
     tokio::spawn(connection);
-    let request = http::Request::builder()
+    let mut request = http::Request::builder()
         .method(method)
         .uri(path)
-        .header(http::header::HOST, authority)
+        .header(http::header::HOST, authority);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
         .body(Empty::<Bytes>::new())
         .with_context(|| format!("{peer}: request {path}"))?;
     let response = sender

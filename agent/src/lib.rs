@@ -18,4 +18,5 @@ pub mod proxy;
 pub mod rollout;
 pub mod rules;
 pub mod run;
+pub mod stamp_key;
 pub mod state;

@@ -30,6 +30,7 @@ use crate::{
         stamp::StampKeys,
     },
     rollout::driver::{Applies, Rollouts},
+    stamp_key,
     state::Snapshot,
 };
 
@@ -52,6 +53,9 @@ pub struct RunOptions {
     pub admin: SocketAddr,
     /// The metrics-and-probes listener, if any.
     pub metrics: Option<SocketAddr>,
+    /// Timeouts and the connection cap of the admin server and of the metrics listener (each
+    /// its own).
+    pub admin_limits: admin::Limits,
     pub gateway: Option<SocketAddr>,
     /// Where to attach the programs; `None`: the cgroup v2 root.
     pub cgroup: Option<PathBuf>,
@@ -66,35 +70,28 @@ pub struct RunOptions {
     pub upstream_read_timeout: Duration,
     /// Debug response headers at the gateway too.
     pub gateway_debug_headers: bool,
-    /// The stamp key file; `None`: next to the configuration file (made when absent), or the
-    /// DaemonSet's Secret with `--kubernetes`.
+    /// The stamp key file, which must exist; `None`: next to the configuration file (made when
+    /// absent), or the DaemonSet's Secret with `--kubernetes`.
     pub stamp_key: Option<PathBuf>,
 }
 
 /// Where the DaemonSet mounts the `steer-stamp-key` Secret.
 pub const KUBERNETES_STAMP_KEY: &str = "/etc/steer/stamp-key/keys";
 
-/// The keys stamps are signed with. A file source may make its key (one machine); in a
-/// cluster every node must share one, so a missing Secret is an error.
+/// The keys stamps are signed with. Only the implicit default of a file source may be made
+/// (one machine); a file named with --stamp-key, and the Secret of a cluster, where every node
+/// must share one key, must exist.
 fn stamp_keys(options: &RunOptions) -> Result<StampKeys> {
     match (&options.source, &options.stamp_key) {
-        (Source::File(_), Some(path)) => StampKeys::load_or_create(path),
+        (_, Some(path)) => stamp_key::load(path),
         (Source::File(config), None) => {
             let dir = config.parent().unwrap_or(Path::new("."));
-            StampKeys::load_or_create(&dir.join("steer-stamp.key"))
+            stamp_key::load_or_make(&dir.join("steer-stamp.key"))
         }
-        (Source::Kubernetes(_), path) => {
-            let path = path.as_deref().unwrap_or(Path::new(KUBERNETES_STAMP_KEY));
-            let text = std::fs::read_to_string(path).with_context(|| {
-                format!(
-                    "cannot read the stamp key {} (every node needs the same one: kubectl -n \
-                     steer-system create secret generic steer-stamp-key \
-                     --from-literal=keys=\"$(head -c 32 /dev/urandom | base64)\")",
-                    path.display()
-                )
-            })?;
-            StampKeys::from_text(&text).with_context(|| format!("stamp key {}", path.display()))
-        }
+        (Source::Kubernetes(_), None) => stamp_key::load(Path::new(KUBERNETES_STAMP_KEY)).context(
+            "every node needs the same key: kubectl -n steer-system create secret generic \
+                 steer-stamp-key --from-literal=keys=\"$(head -c 32 /dev/urandom | base64)\"",
+        ),
     }
 }
 
@@ -447,6 +444,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
             (snapshot, Some(client), Rollouts::kept_in_cluster())
         }
     };
+    // Once the configuration is known good, before anything is bound or attached: an agent
+    // without the mesh's key must not start.
+    let stamp_keys = stamp_keys(&options)?;
     let rollouts = Arc::new(rollouts);
     let file_limit = raise_file_limit();
     let workers = options
@@ -530,9 +530,17 @@ pub async fn run(options: RunOptions) -> Result<()> {
             let _ = tokio::task::spawn_blocking(move || retired.sweep()).await;
         }
     });
-    tokio::spawn(admin::serve(admin.clone(), admin_listener));
+    tokio::spawn(admin::serve(
+        admin.clone(),
+        admin_listener,
+        options.admin_limits,
+    ));
     if let Some(listener) = metrics_listener {
-        tokio::spawn(admin::serve_metrics(admin.clone(), listener));
+        tokio::spawn(admin::serve_metrics(
+            admin.clone(),
+            listener,
+            options.admin_limits,
+        ));
     }
 
     let (trigger, drain) = drain::channel();
@@ -548,7 +556,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             upstream_read_timeout: options.upstream_read_timeout,
         },
         outside_debug_headers: options.gateway_debug_headers,
-        stamp_keys: stamp_keys(&options)?,
+        stamp_keys,
         open_connections: AtomicUsize::new(0),
         peak_connections: AtomicUsize::new(0),
     });

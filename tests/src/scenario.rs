@@ -138,6 +138,8 @@ impl Scenario {
         let dir = TempDir(dir);
         let config_path = dir.0.join("steer.yaml");
         std::fs::write(&config_path, &text)?;
+        // `--stamp-key` names a file that must exist.
+        std::fs::write(dir.0.join("stamp.key"), "the test bed's stamp key\n")?;
         let config = Config::from_yaml(&text, &config_path.display().to_string())?;
         let mut scenario = Scenario {
             agent: None,
@@ -194,7 +196,7 @@ impl Scenario {
             kubeconfig,
             _runtime: runtime,
         };
-        // The Secret every node of a cluster mounts; a file agent makes its own.
+        // The Secret every node of a cluster mounts.
         std::fs::write(dir.join("stamp.key"), "the test cluster's stamp key\n")?;
         let mut scenario = Scenario {
             agent: None,
@@ -308,7 +310,7 @@ impl Scenario {
                     .into_iter()
                     .flatten(),
             )
-            // The bed's own key (a --kubernetes agent needs one given).
+            // The bed's own key (written with the configuration).
             .arg("--stamp-key")
             .arg(self.config_path.with_file_name("stamp.key"))
             .args(&self.agent_args)

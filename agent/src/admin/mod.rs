@@ -3,10 +3,13 @@
 //! live page (`/`): releases, chains of versions with the traffic between them, an explain box.
 //! The page is embedded in the binary and loads nothing from anywhere else.
 
+mod connection;
+mod head;
 pub mod live;
+pub mod policy;
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -17,10 +20,8 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
 use tokio::net::TcpListener;
-use tracing::debug;
 
 use crate::{
     metrics::Metrics,
@@ -28,8 +29,10 @@ use crate::{
     rules::HeaderPairs,
     state::Snapshot,
 };
+pub use connection::Limits;
 use live::Live;
 pub use live::Rejection;
+use policy::Refusal;
 
 pub struct Admin {
     pub state: Arc<ArcSwap<Snapshot>>,
@@ -64,7 +67,7 @@ impl Admin {
     }
 }
 
-pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
+pub async fn serve(admin: Arc<Admin>, listener: TcpListener, limits: Limits) {
     let live = Arc::new(Live::default());
     {
         let (admin, live) = (admin.clone(), live.clone());
@@ -83,53 +86,63 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
             }
         });
     }
-    accept(listener, move |request| route(&admin, &live, request)).await
+    connection::accept(
+        listener,
+        limits,
+        move |request, local, refused| match refused
+            .map_or_else(|| route(&admin, &live, &request, local), Err)
+        {
+            Ok(response) => response,
+            Err(refusal) => refuse(refusal),
+        },
+    )
+    .await
 }
 
 /// Serves only what a cluster's Prometheus and the kubelet need (`/metrics`, `/healthz`,
 /// `/readyz`), so that listener can be on the node's address while the admin server, which
-/// shows the rules and answers explain, stays on loopback.
-pub async fn serve_metrics(admin: Arc<Admin>, listener: TcpListener) {
-    accept(listener, move |request| {
+/// shows the rules and answers explain, stays on loopback. Its `Host` is not checked: what it
+/// serves, anyone who can reach the node's address may read.
+pub async fn serve_metrics(admin: Arc<Admin>, listener: TcpListener, limits: Limits) {
+    connection::accept(listener, limits, move |request, _, refused| {
         let path = request.uri().path();
-        probe_or_metrics(&admin, path).unwrap_or_else(|| {
-            let reason = "this listener serves /metrics, /healthz and /readyz\n";
-            reply(StatusCode::NOT_FOUND, TEXT, reason.into())
-        })
+        let answer = match refused {
+            Some(refusal) => Err(refusal),
+            None if is_probe(path) => {
+                policy::method(request.method(), policy::READ).map(|()| probe(&admin, path))
+            }
+            None => Ok(reply(
+                StatusCode::NOT_FOUND,
+                TEXT,
+                "this listener serves /metrics, /healthz and /readyz\n".into(),
+            )),
+        };
+        answer.unwrap_or_else(refuse)
     })
     .await
 }
 
-/// Serves each connection of `listener` with `handle`.
-async fn accept(
-    listener: TcpListener,
-    handle: impl Fn(Request<Incoming>) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
-) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let response = handle(request);
-                async move { Ok::<_, std::convert::Infallible>(response) }
-            });
-            if let Err(err) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(error = %err, "admin connection ended");
-            }
-        });
+/// A refused request's answer: its status and reason, and what a 405 allows.
+fn refuse(refusal: Refusal) -> Response<Full<Bytes>> {
+    let mut response = reply(refusal.status, TEXT, format!("{}\n", refusal.reason));
+    if let Some(allow) = refusal.allow {
+        response
+            .headers_mut()
+            .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
     }
+    response
 }
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
 /// Health, readiness and metrics: what both listeners answer.
-fn probe_or_metrics(admin: &Admin, path: &str) -> Option<Response<Full<Bytes>>> {
-    Some(match path {
+fn is_probe(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
+}
+
+/// The answer to a probe path (see [`is_probe`]).
+fn probe(admin: &Admin, path: &str) -> Response<Full<Bytes>> {
+    match path {
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
         "/readyz"
             if admin.ready.load(Ordering::Relaxed) && admin.synced.load(Ordering::Relaxed) =>
@@ -137,13 +150,12 @@ fn probe_or_metrics(admin: &Admin, path: &str) -> Option<Response<Full<Bytes>>> 
             reply(StatusCode::OK, TEXT, "ready\n".into())
         }
         "/readyz" => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n".into()),
-        "/metrics" => reply(
+        _ => reply(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             admin.metrics.encode(),
         ),
-        _ => return None,
-    })
+    }
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -217,43 +229,92 @@ fn header_pairs(pairs: &[(String, String)]) -> Result<HeaderPairs, String> {
     Ok(HeaderPairs::new(headers))
 }
 
+/// What the admin server serves at a path.
+enum Page {
+    Probe,
+    Asset(&'static str, &'static str),
+    UiState,
+    UiExplain,
+    Rollouts,
+    Config,
+    Explain,
+    /// A person's word on a rollout: `POST /rollouts/NAME/resume`, `/continue` or `/abort`
+    /// (NAME percent-encoded).
+    Rollout(String, RolloutAction),
+}
+
 /// What a person can ask of one rollout.
 type RolloutAction = fn(&Rollouts, &str) -> Result<RolloutStatus, String>;
 
-fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    const JSON: &str = "application/json";
-    if let Some(response) = probe_or_metrics(admin, request.uri().path()) {
-        return response;
-    }
-    // A person's word on a rollout: POST /rollouts/NAME/resume, /continue or /abort.
-    let action = (request.uri().path().strip_prefix("/rollouts/")).and_then(|rest| {
-        [
-            ("resume", Rollouts::resume as RolloutAction),
-            ("continue", Rollouts::continue_now),
-            ("abort", Rollouts::abort),
-        ]
-        .into_iter()
-        .find_map(|(word, act)| Some((word, rest.strip_suffix(word)?.strip_suffix('/')?, act)))
-    });
-    if let Some((word, name, act)) = action {
-        if request.method() != http::Method::POST {
-            let reason = format!("POST to {word} a rollout\n");
-            return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, reason);
+impl Page {
+    fn of(path: &str) -> Option<Page> {
+        if is_probe(path) {
+            return Some(Page::Probe);
         }
-        return match act(&admin.rollouts, &percent_decode(name)) {
+        let action = (path.strip_prefix("/rollouts/")).and_then(|rest| {
+            [
+                ("resume", Rollouts::resume as RolloutAction),
+                ("continue", Rollouts::continue_now),
+                ("abort", Rollouts::abort),
+            ]
+            .into_iter()
+            .find_map(|(word, act)| Some((rest.strip_suffix(word)?.strip_suffix('/')?, act)))
+        });
+        if let Some((name, act)) = action {
+            return Some(Page::Rollout(percent_decode(name), act));
+        }
+        Some(match path {
+            "/" | "/ui" | "/ui/" => Page::Asset("text/html; charset=utf-8", PAGE),
+            "/ui/app.js" => Page::Asset("text/javascript; charset=utf-8", SCRIPT),
+            "/ui/style.css" => Page::Asset("text/css; charset=utf-8", STYLE),
+            "/ui/state" => Page::UiState,
+            "/ui/explain" => Page::UiExplain,
+            "/rollouts" => Page::Rollouts,
+            "/config" => Page::Config,
+            "/explain" => Page::Explain,
+            _ => return None,
+        })
+    }
+}
+
+fn route(
+    admin: &Admin,
+    live: &Live,
+    request: &Request<Incoming>,
+    local: IpAddr,
+) -> Result<Response<Full<Bytes>>, Refusal> {
+    const JSON: &str = "application/json";
+    policy::host(request.uri(), request.headers(), local)?;
+    let path = request.uri().path();
+    let Some(page) = Page::of(path) else {
+        return Ok(reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "endpoints: / (the live page) /healthz /readyz /metrics /config \
+             /explain?service=..&header=Name:value /rollouts (POST /rollouts/NAME/resume, \
+             /rollouts/NAME/continue, /rollouts/NAME/abort) \
+             /ui/state /ui/explain?header=Name:value\n"
+                .into(),
+        ));
+    };
+    if let Page::Rollout(name, act) = &page {
+        policy::method(request.method(), policy::CHANGE)?;
+        policy::state_change(request.headers(), local)?;
+        return Ok(match act(&admin.rollouts, name) {
             Ok(status) => reply(
                 StatusCode::OK,
                 JSON,
                 serde_json::to_string_pretty(&status).expect("status serialises"),
             ),
             Err(reason) => reply(StatusCode::CONFLICT, TEXT, reason + "\n"),
-        };
+        });
     }
-    match request.uri().path() {
-        "/" | "/ui" | "/ui/" => asset("text/html; charset=utf-8", PAGE),
-        "/ui/app.js" => asset("text/javascript; charset=utf-8", SCRIPT),
-        "/ui/style.css" => asset("text/css; charset=utf-8", STYLE),
-        "/ui/state" => {
+    policy::method(request.method(), policy::READ)?;
+    let query = || query_pairs(request.uri().query().unwrap_or(""));
+    Ok(match page {
+        Page::Probe => probe(admin, path),
+        Page::Asset(content_type, body) => asset(content_type, body),
+        Page::UiState => {
             let rejected = admin.rejected.lock().unwrap_or_else(|e| e.into_inner());
             let left_out = admin.left_out.lock().unwrap_or_else(|e| e.into_inner());
             let rollouts = admin.rollouts.views();
@@ -262,60 +323,52 @@ fn route(admin: &Admin, live: &Live, request: Request<Incoming>) -> Response<Ful
             let body = serde_json::to_string(&state).expect("state serialises");
             reply(StatusCode::OK, JSON, body)
         }
-        "/ui/explain" => {
-            let pairs = query_pairs(request.uri().query().unwrap_or(""));
-            match header_pairs(&pairs) {
-                Ok(headers) => {
-                    let path = live::explain_all(&admin.state.load(), &headers);
-                    let body = serde_json::to_string(&path).expect("explanations serialise");
-                    reply(StatusCode::OK, JSON, body)
-                }
-                Err(reason) => reply(StatusCode::BAD_REQUEST, TEXT, reason + "\n"),
+        Page::UiExplain => match header_pairs(&query()) {
+            Ok(headers) => {
+                let path = live::explain_all(&admin.state.load(), &headers);
+                let body = serde_json::to_string(&path).expect("explanations serialise");
+                reply(StatusCode::OK, JSON, body)
             }
-        }
-        "/rollouts" => {
+            Err(reason) => reply(StatusCode::BAD_REQUEST, TEXT, reason + "\n"),
+        },
+        Page::Rollouts => {
             let body =
                 serde_json::to_string_pretty(&admin.rollouts.views()).expect("rollouts serialise");
             reply(StatusCode::OK, JSON, body)
         }
-        "/config" => {
+        Page::Config => {
             let snapshot = admin.state.load();
             let body = serde_json::to_string_pretty(&snapshot.config).expect("config serialises");
             reply(StatusCode::OK, JSON, body)
         }
-        "/explain" => {
-            let pairs = query_pairs(request.uri().query().unwrap_or(""));
-            let Some(service) = pairs.iter().find(|(k, _)| k == "service").map(|(_, v)| v) else {
-                return reply(
-                    StatusCode::BAD_REQUEST,
-                    TEXT,
-                    "explain needs ?service=NAME\n".into(),
-                );
-            };
-            let headers = match header_pairs(&pairs) {
-                Ok(headers) => headers,
-                Err(reason) => return reply(StatusCode::BAD_REQUEST, TEXT, reason + "\n"),
-            };
-            match admin.state.load().explain(service, &headers) {
-                Some(explanation) => reply(
-                    StatusCode::OK,
-                    JSON,
-                    serde_json::to_string(&explanation).expect("explanation serialises"),
-                ),
-                None => reply(
-                    StatusCode::NOT_FOUND,
-                    TEXT,
-                    format!("no service `{service}`\n"),
-                ),
-            }
-        }
-        _ => reply(
+        Page::Explain => explain(admin, &query()),
+        Page::Rollout(..) => unreachable!("answered above"),
+    })
+}
+
+/// `/explain?service=NAME&header=Name:value...`
+fn explain(admin: &Admin, pairs: &[(String, String)]) -> Response<Full<Bytes>> {
+    let Some(service) = pairs.iter().find(|(k, _)| k == "service").map(|(_, v)| v) else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            TEXT,
+            "explain needs ?service=NAME\n".into(),
+        );
+    };
+    let headers = match header_pairs(pairs) {
+        Ok(headers) => headers,
+        Err(reason) => return reply(StatusCode::BAD_REQUEST, TEXT, reason + "\n"),
+    };
+    match admin.state.load().explain(service, &headers) {
+        Some(explanation) => reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string(&explanation).expect("explanation serialises"),
+        ),
+        None => reply(
             StatusCode::NOT_FOUND,
             TEXT,
-            "endpoints: / (the live page) /healthz /readyz /metrics /config \
-             /explain?service=..&header=Name:value /rollouts (POST /rollouts/NAME/resume, /rollouts/NAME/continue, /rollouts/NAME/abort) \
-             /ui/state /ui/explain?header=Name:value\n"
-                .into(),
+            format!("no service `{service}`\n"),
         ),
     }
 }

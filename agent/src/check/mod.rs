@@ -6,6 +6,7 @@
 //! router's definition (`rules::Test`), so the checker's examples behave as it says.
 
 mod lang;
+mod names;
 mod overlap;
 pub mod sample;
 
@@ -164,6 +165,7 @@ pub fn check_structure(config: &Config) -> Report {
     let mut report = Report::default();
     check_services(config, &mut report);
     check_releases(config, &mut report);
+    check_gateway(config, &mut report);
     report.valid = report.errors.is_empty();
     report
 }
@@ -172,6 +174,13 @@ fn check_services(config: &Config, report: &mut Report) {
     let mut names = HashSet::new();
     let mut address_owner: HashMap<std::net::SocketAddr, &str> = HashMap::new();
     for service in &config.services {
+        if let Err(rule) = names::service(&service.name) {
+            report.error(
+                "invalid-name",
+                format!("service name `{}`: {rule}", service.name.escape_debug()),
+                &[],
+            );
+        }
         if !names.insert(service.name.as_str()) {
             report.error(
                 "duplicate-name",
@@ -220,6 +229,17 @@ fn check_services(config: &Config, report: &mut Report) {
         }
         let mut versions = HashSet::new();
         for version in &service.versions {
+            if let Err(rule) = names::version(&version.name) {
+                report.error(
+                    "invalid-name",
+                    format!(
+                        "service `{}`: version name `{}`: {rule}",
+                        service.name.escape_debug(),
+                        version.name.escape_debug()
+                    ),
+                    &[],
+                );
+            }
             if !versions.insert(version.name.as_str()) {
                 report.error(
                     "duplicate-name",
@@ -249,6 +269,13 @@ fn check_releases(config: &Config, report: &mut Report) {
         .collect();
     for release in &config.releases {
         let name = release.name.as_str();
+        if let Err(rule) = names::release(name) {
+            report.error(
+                "invalid-name",
+                format!("release name `{}`: {rule}", name.escape_debug()),
+                &[name],
+            );
+        }
         if !names.insert(name) {
             report.error(
                 "duplicate-name",
@@ -265,6 +292,21 @@ fn check_releases(config: &Config, report: &mut Report) {
                 ),
                 &[name],
             );
+        }
+        let headers = (release.matchers.iter().map(|m| ("match", &m.header)))
+            .chain(release.hash_by.iter().map(|h| ("hashBy", h)));
+        for (field, header) in headers {
+            if let Err(rule) = names::header(header) {
+                report.error(
+                    "invalid-header",
+                    format!(
+                        "release `{}`: {field} header `{}`: {rule}",
+                        name.escape_debug(),
+                        header.escape_debug()
+                    ),
+                    &[name],
+                );
+            }
         }
         for matcher in &release.matchers {
             if let Err(err) = Test::parse(matcher) {
@@ -345,6 +387,49 @@ fn check_releases(config: &Config, report: &mut Report) {
                     &[other, name],
                 );
             }
+        }
+    }
+}
+
+/// The gateway's routes: each to a service there is, each host a host name without a port, and
+/// no route twice (the second could never be taken: the first route that matches wins).
+fn check_gateway(config: &Config, report: &mut Report) {
+    let services: HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+    let mut seen = HashSet::new();
+    for (i, route) in config.gateway.routes.iter().enumerate() {
+        let at = format!("gateway route {}", i + 1);
+        if !services.contains(route.service.as_str()) {
+            report.error(
+                "unknown-service",
+                format!(
+                    "{at} goes to unknown service `{}`",
+                    route.service.escape_debug()
+                ),
+                &[],
+            );
+        }
+        if let Some(host) = &route.host
+            && let Err(rule) = names::route_host(host)
+        {
+            report.error(
+                "invalid-route-host",
+                format!("{at}: host `{}`: {rule}", host.escape_debug()),
+                &[],
+            );
+        }
+        let key = (
+            route.host.as_deref().map(names::route_host_key),
+            route.path_prefix.as_deref(),
+        );
+        if !seen.insert(key) {
+            report.error(
+                "duplicate-route",
+                format!(
+                    "{at} has the host and path prefix of an earlier route, which takes all its \
+                     requests"
+                ),
+                &[],
+            );
         }
     }
 }

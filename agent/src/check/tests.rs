@@ -516,3 +516,97 @@ mod oracle {
         }
     }
 }
+
+#[test]
+fn names_that_break_the_wire_or_kubernetes_are_refused_with_the_rule() {
+    let report = check(&load(
+        r#"
+services:
+  - name: "café"
+    versions: [{ name: "v1;sig=x", primary: true }]
+  - name: ""
+    versions: [{ name: "v\u0007", primary: true }]
+  - name: order
+    versions: [{ name: v1, primary: true }, { name: v2 }]
+releases:
+  - { name: "a;sig=x", priority: 1, match: [{ header: x-device, exact: a }], targets: { order: v2 } }
+  - { name: "", priority: 2, match: [{ header: "x\ndevice", exact: a }] }
+  - { name: "red\nblue", priority: 3, match: [{ header: "x device", exact: a }], percent: 5, hashBy: "user id" }
+gateway:
+  routes:
+    - { host: shop.example, service: order }
+    - { host: "Shop.Example.", service: order }
+    - { host: "shop.example:8080", service: order }
+    - { pathPrefix: /api, service: missing }
+"#,
+    ));
+    let found = |code: &str, text: &str| {
+        report
+            .errors
+            .iter()
+            .any(|f| f.code == code && f.message.contains(text))
+    };
+    assert!(found(
+        "invalid-name",
+        "service name `café`: not a DNS-1123 subdomain"
+    ));
+    assert!(found(
+        "invalid-name",
+        "service name ``: not a DNS-1123 subdomain"
+    ));
+    assert!(found(
+        "invalid-name",
+        "version name `v1;sig=x`: not a Kubernetes label value"
+    ));
+    assert!(found("invalid-name", r"version name `v\u{7}`"));
+    assert!(found(
+        "invalid-name",
+        "release name `a;sig=x`: not a release name"
+    ));
+    assert!(found("invalid-name", "release name ``"));
+    assert!(found("invalid-name", r"release name `red\nblue`"));
+    assert!(found(
+        "invalid-header",
+        r"match header `x\ndevice`: not an HTTP header name"
+    ));
+    assert!(found("invalid-header", "match header `x device`"));
+    assert!(found("invalid-header", "hashBy header `user id`"));
+    assert!(found(
+        "duplicate-route",
+        "gateway route 2 has the host and path prefix"
+    ));
+    assert!(found(
+        "invalid-route-host",
+        "gateway route 3: host `shop.example:8080`: has a port"
+    ));
+    assert!(found(
+        "unknown-service",
+        "gateway route 4 goes to unknown service `missing`"
+    ));
+    // A release at fault names itself, so the Kubernetes source leaves out only it.
+    let release_error = |text: &str| report.errors.iter().find(|f| f.message.contains(text));
+    assert_eq!(
+        release_error("release name `a;sig=x`").unwrap().releases,
+        ["a;sig=x"]
+    );
+}
+
+#[test]
+fn kubernetes_names_pass() {
+    let report = check(&load(
+        r#"
+services:
+  - name: order.demo
+    versions: [{ name: v1, primary: true }]
+  - name: email.demo:grpc
+    versions: [{ name: v2.0.1, primary: true }, { name: V2_1-rc.1 }]
+releases:
+  - { name: demo/android.v2, priority: 1, match: [{ header: X-Device, exact: a }], targets: { email.demo:grpc: V2_1-rc.1 } }
+gateway:
+  routes:
+    - { host: shop.example, service: order.demo }
+    - { host: shop.example, pathPrefix: /mail, service: email.demo:grpc }
+"#,
+    ));
+    assert!(report.valid, "{:?}", report.errors);
+}

@@ -82,7 +82,7 @@ impl Prometheus {
 
     async fn get(&self, path: &str) -> Result<String> {
         let (status, text) =
-            client::request("Prometheus", &self.authority, http::Method::GET, path).await?;
+            client::request("Prometheus", &self.authority, http::Method::GET, path, &[]).await?;
         // Query errors come as 400/422 with `{"status":"error","error":...}`: read below.
         if !status.is_success() && !text.starts_with('{') {
             bail!("Prometheus answered {status}: {text}");
