@@ -106,9 +106,14 @@ enum Command {
         max_connections: Option<u64>,
         /// Seconds an HTTP/1 client connection may take to send a request's headers, counted
         /// from connecting or from the previous response: closes idle keep-alive connections
-        /// and slow senders (slowloris) alike.
+        /// and slow senders (slowloris) alike. An HTTP/2 connection without a request for this
+        /// long (or that never completes its preface) gets GOAWAY and is closed.
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
         idle_timeout: u64,
+        /// Seconds an upstream may stay silent in the middle of an HTTP/1 response body before
+        /// the response is cut off (nginx's proxy_read_timeout).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        upstream_read_timeout: u64,
         /// Add the debug response headers (x-steer-service, -version, -release) for clients
         /// outside the mesh too: the gateway's, and connections the datapath did not redirect.
         /// Off by default: they name internal services, versions and releases.
@@ -251,6 +256,7 @@ impl Cli {
                 workers,
                 max_connections,
                 idle_timeout,
+                upstream_read_timeout,
                 gateway_debug_headers,
                 stamp_key,
             } => run_agent(crate::run::RunOptions {
@@ -280,6 +286,7 @@ impl Cli {
                 workers: workers.map(usize::from),
                 max_connections: max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
                 idle_timeout: std::time::Duration::from_secs(idle_timeout),
+                upstream_read_timeout: std::time::Duration::from_secs(upstream_read_timeout),
                 gateway_debug_headers,
                 stamp_key,
             }),

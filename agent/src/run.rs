@@ -67,6 +67,7 @@ pub struct RunOptions {
     /// `None`: from the open files limit.
     pub max_connections: Option<usize>,
     pub idle_timeout: Duration,
+    pub upstream_read_timeout: Duration,
     /// Debug response headers at the gateway too.
     pub gateway_debug_headers: bool,
     /// The stamp key file, which must exist; `None`: next to the configuration file (made when
@@ -552,6 +553,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 .max_connections
                 .unwrap_or_else(|| default_max_connections(file_limit)),
             idle_timeout: options.idle_timeout,
+            upstream_read_timeout: options.upstream_read_timeout,
         },
         outside_debug_headers: options.gateway_debug_headers,
         stamp_keys,

@@ -427,18 +427,83 @@ fn malformed_requests_are_refused_and_the_proxy_keeps_serving() {
 }
 
 #[test]
+fn requests_framed_two_ways_are_refused_before_a_byte_reaches_the_upstream() {
+    let scenario = food_delivery();
+    // Request smuggling needs a proxy and an upstream that split the bytes differently: a
+    // framing two parsers could read differently is refused (RFC 9112), 400, or 501 for a
+    // coding steer does not apply, and the connection closed.
+    let variants: [(&str, u16); 8] = [
+        ("transfer-encoding: cow, chunked\r\n", 501),
+        ("transfer-encoding: identity, chunked\r\n", 501),
+        ("transfer-encoding: chunked, chunked\r\n", 400),
+        (
+            "transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n",
+            400,
+        ),
+        (
+            "transfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n",
+            400,
+        ),
+        ("transfer-encoding: chunked, gzip\r\n", 400),
+        (
+            "transfer-encoding: chunked\r\ntransfer-encoding: identity\r\n",
+            400,
+        ),
+        ("host: restaurant\r\ncontent-length: 10\r\n", 400),
+    ];
+    // What the proxy sent restaurant (the bed's readiness check went through already).
+    let routed_to_restaurant = || {
+        let metrics = http::get(scenario.admin, "/metrics", &[]).unwrap().body;
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("steer_requests_total{service=\"restaurant\""))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let before = routed_to_restaurant();
+    for (framing, status) in variants {
+        let request = format!(
+            "POST /echo HTTP/1.1\r\nhost: restaurant\r\n{framing}\r\n5\r\nhello\r\n0\r\n\r\n\
+             GET /smuggled HTTP/1.1\r\nhost: restaurant\r\n\r\n"
+        );
+        let answer = exchange(scenario.gateway, request.as_bytes());
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{framing}: {answer}"
+        );
+        assert_eq!(
+            answer.matches("HTTP/1.1 ").count(),
+            1,
+            "nothing after it is served: {answer}"
+        );
+    }
+    // None was routed, so none went to an upstream (hyper refuses some itself; the others
+    // are counted).
+    assert_eq!(routed_to_restaurant(), before);
+    let metrics = http::get(scenario.admin, "/metrics", &[]).unwrap().body;
+    assert!(
+        !metrics.contains("steer_request_errors_total{reason=\"malformed_request\"} 0"),
+        "{metrics}"
+    );
+    assert_eq!(
+        scenario.request("order", &[]).unwrap().path(),
+        "order/v1 -> restaurant/v1 -> delivery/v1"
+    );
+}
+
+#[test]
 fn a_request_framed_two_ways_reaches_the_upstream_framed_one_way() {
     let scenario = food_delivery();
-    // Request smuggling needs a proxy and an upstream that split the bytes differently. The
-    // proxy takes transfer-encoding over content-length (RFC 9112 6.3) and sends the upstream
-    // its own framing, so the upstream (an echo) sees exactly the chunked body.
+    // Content-Length with Transfer-Encoding: hyper drops the length (RFC 9112 6.3) and closes
+    // the connection after, and the upstream (an echo) sees exactly the chunked body.
     let answer = exchange(
         scenario.gateway,
         b"POST /echo HTTP/1.1\r\nhost: restaurant\r\ncontent-length: 3\r\n\
-          transfer-encoding: chunked\r\nconnection: close\r\n\r\n\
-          5\r\nhello\r\n0\r\n\r\n",
+          transfer-encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: restaurant\r\n\r\n",
     );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
     let body = answer.split_once("\r\n\r\n").unwrap().1;
     let unchunked: String = body
         .split("\r\n")
@@ -789,6 +854,8 @@ fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
             Ok(0) => return true,
             Ok(_) => continue,
             Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            // A signal to the test process is not the peer's doing.
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return false,
         }
     }
@@ -1158,4 +1225,207 @@ fn keep_alive_clients_under_load_lose_no_request_across_a_sigterm() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(failures, "[]", "requests failed across the SIGTERM: {said}");
+}
+
+/// Issue 26, item 0: a client that breaks its own request body, or sends it slower than the
+/// request timeout, must not be able to make a version look failing (a rollout's analysis
+/// reads the versions' 5xx). Its answer is 400 or 408, counted under a reason of its own.
+#[test]
+fn a_broken_or_slow_request_body_is_the_clients_failure_not_the_versions() {
+    let scenario = with_restaurant(|restaurant| {
+        restaurant.request_timeout = Some(Duration::from_secs(1));
+    });
+    // The version answers only after a while: the body breaks off before it does.
+    let broken = exchange(
+        scenario.gateway,
+        b"POST /?sleep=3000 HTTP/1.1\r\nhost: restaurant\r\ntransfer-encoding: chunked\r\n\r\n\
+          5\r\nhello\r\nZZZ",
+    );
+    assert!(broken.starts_with("HTTP/1.1 400"), "{broken}");
+    // Half of a 10-byte body, then nothing: the request timeout ends the wait.
+    let mut slow = TcpStream::connect(scenario.gateway).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(
+        b"POST /?sleep=3000 HTTP/1.1\r\nhost: restaurant\r\ncontent-length: 10\r\n\r\nhello",
+    )
+    .unwrap();
+    let mut answer = [0u8; 512];
+    let n = slow.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // A version that takes in none of a large body and does not answer is the slow one, even
+    // while the client is still sending: 504, counted against the version.
+    let mut upload = TcpStream::connect(scenario.gateway).unwrap();
+    upload
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut sender = upload.try_clone().unwrap();
+    let sending = std::thread::spawn(move || {
+        let size = 64 << 20;
+        let head = format!(
+            "POST /?sleep=3000 HTTP/1.1\r\nhost: restaurant\r\ncontent-length: {size}\r\n\r\n"
+        );
+        let _ = sender.write_all(head.as_bytes());
+        // Until the proxy answers and closes.
+        let _ = sender.write_all(&vec![b'x'; size]);
+    });
+    let mut answer = [0u8; 512];
+    let n = upload.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    drop(upload);
+    sending.join().unwrap();
+
+    let metrics = http::get(scenario.admin, "/metrics", &[]).unwrap().body;
+    for reason in ["client_body", "client_timeout"] {
+        let line = format!("steer_request_errors_total{{reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+    let failing: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("steer_requests_total{") && l.contains("code=\"5xx\""))
+        .collect();
+    assert_eq!(
+        failing.len(),
+        1,
+        "the version's own timeout only: {failing:?}"
+    );
+    assert!(
+        failing[0].contains("service=\"restaurant\",version=\"v1\"") && failing[0].ends_with(" 1"),
+        "{failing:?}"
+    );
+}
+
+/// Issue 26, item 6: HTTP/2 connections fall under the idle timeout too, from the accept for
+/// one that never completes its preface, after its last request for one that went quiet.
+#[test]
+fn silent_http2_connections_and_incomplete_prefaces_are_closed_after_the_idle_timeout() {
+    let mut scenario = food_delivery();
+    scenario.agent_args = vec!["--idle-timeout".into(), "1".into()];
+    scenario.start_agent().unwrap();
+    let mut partial = TcpStream::connect(scenario.gateway).unwrap();
+    partial.write_all(b"PRI * HTTP/2.0").unwrap();
+    // The whole preface and an empty SETTINGS frame, then nothing.
+    let mut silent = TcpStream::connect(scenario.gateway).unwrap();
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    let started = Instant::now();
+    assert!(
+        closed_within(&mut partial, Duration::from_secs(6)),
+        "incomplete preface kept"
+    );
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(6)),
+        "silent HTTP/2 connection kept"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    // HTTP/2 requests that come in time are served as before.
+    let out = scenario
+        .node
+        .pod("order-v1")
+        .exec(Command::new("curl").args([
+            "-s",
+            "--http2-prior-knowledge",
+            &format!("http://{}/", restaurant(&scenario)),
+        ]))
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("restaurant"),
+        "{out:?}"
+    );
+}
+
+/// A misbehaving upstream in the restaurant pod: `/switch` answers 101 though nothing asked
+/// for an upgrade; anything else sends a head promising 1,000 bytes, 10 of them, then nothing.
+const MISBEHAVING_UPSTREAM: &str = "\
+import socket, threading, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 9000))
+s.listen(16)
+def serve(c):
+    head = b''
+    while b'\\r\\n\\r\\n' not in head:
+        data = c.recv(4096)
+        if not data:
+            return
+        head += data
+    if b'/switch' in head.split(b'\\r\\n')[0]:
+        c.sendall(b'HTTP/1.1 101 Switching Protocols\\r\\nconnection: upgrade\\r\\nupgrade: x\\r\\n\\r\\n')
+    else:
+        c.sendall(b'HTTP/1.1 200 OK\\r\\ncontent-length: 1000\\r\\n\\r\\n' + b'x' * 10)
+    time.sleep(60)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+";
+
+/// Issue 26, item 8: an upstream that stops in the middle of a body is cut off after
+/// `--upstream-read-timeout`, and an unasked 101 is a 502, not a bare 101 for the client.
+#[test]
+fn an_upstream_stalling_mid_body_is_cut_off_and_an_unasked_101_is_a_502() {
+    let mut scenario = food_delivery();
+    scenario.agent_args = vec!["--upstream-read-timeout".into(), "1".into()];
+    scenario.start_agent().unwrap();
+    let pod = scenario.node.pod("restaurant-v1");
+    let _upstream = pod
+        .spawn(Command::new("python3").args(["-c", MISBEHAVING_UPSTREAM]))
+        .unwrap();
+    let mut config = scenario.config.clone();
+    let restaurant_v1 = &mut config
+        .services
+        .iter_mut()
+        .find(|s| s.name == "restaurant")
+        .unwrap()
+        .versions[0];
+    restaurant_v1.endpoints = vec![SocketAddr::new(pod.ip.into(), 9000)];
+    scenario.apply(&config).unwrap();
+
+    // Until the server listens, the connect is refused (503).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let switched = loop {
+        let answer = exchange(
+            scenario.gateway,
+            b"GET /switch HTTP/1.1\r\nhost: restaurant\r\nconnection: close\r\n\r\n",
+        );
+        if !answer.starts_with("HTTP/1.1 503") || Instant::now() > deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(switched.starts_with("HTTP/1.1 502"), "{switched}");
+
+    let mut stalled = TcpStream::connect(scenario.gateway).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stalled
+        .write_all(b"GET /stall HTTP/1.1\r\nhost: restaurant\r\n\r\n")
+        .unwrap();
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stalled.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&chunk[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => panic!(
+                "still open: {err} after {:?}",
+                String::from_utf8_lossy(&received)
+            ),
+        }
+    }
+    let received = String::from_utf8_lossy(&received);
+    assert!(received.starts_with("HTTP/1.1 200"), "{received}");
+    assert!(
+        received.ends_with("xxxxxxxxxx"),
+        "cut off after the 10 bytes: {received}"
+    );
 }

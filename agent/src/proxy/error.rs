@@ -6,11 +6,15 @@ use std::{net::SocketAddr, sync::Arc};
 
 use http::{Response, StatusCode};
 
-use super::body::ProxyBody;
+use super::{body::ProxyBody, h1::head::FramingError};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    /// A request framed in a way two parsers could read differently (RFC 9112): refused
+    /// before a byte of it reaches an upstream.
+    #[error("{0}")]
+    Malformed(FramingError),
     #[error("no mesh service for this request (unknown destination and Host)")]
     NoService,
     /// The connection's service left the configuration while the connection was open.
@@ -38,29 +42,50 @@ pub enum ProxyError {
     },
     #[error("{endpoint} did not answer in time")]
     Timeout { endpoint: SocketAddr },
+    /// The client's request body broke off or was malformed: the client's failure, never
+    /// counted against the version.
+    #[error("the request body could not be read: {cause}")]
+    ClientBody { cause: String },
+    /// The client sent its request body slower than the service's request timeout.
+    #[error("the request body did not arrive within the request timeout")]
+    ClientTimeout,
+    /// The upstream answered 101 to a request that asked for no upgrade.
+    #[error("{endpoint} switched protocols unasked")]
+    UnaskedUpgrade { endpoint: SocketAddr },
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
+            ProxyError::Malformed(framing) => {
+                StatusCode::from_u16(framing.status()).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             ProxyError::NoService | ProxyError::UnknownService(_) => StatusCode::NOT_FOUND,
             ProxyError::NoEndpoint { .. } | ProxyError::Unreachable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamFailed { .. } | ProxyError::UnaskedUpgrade { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
     /// The `reason` label of `steer_request_errors_total`.
     pub fn label(&self) -> &'static str {
         match self {
+            ProxyError::Malformed(_) => "malformed_request",
             ProxyError::NoService => "no_service",
             ProxyError::UnknownService(_) => "unknown_service",
             ProxyError::NoEndpoint { .. } => "no_endpoint",
             ProxyError::Unreachable { .. } => "connect_failed",
             ProxyError::UpstreamFailed { .. } => "upstream_failed",
             ProxyError::Timeout { .. } => "timeout",
+            ProxyError::ClientBody { .. } => "client_body",
+            ProxyError::ClientTimeout => "client_timeout",
+            ProxyError::UnaskedUpgrade { .. } => "unasked_upgrade",
         }
     }
 }
@@ -104,6 +129,26 @@ mod tests {
                 },
                 504,
                 "timeout",
+            ),
+            (
+                ProxyError::ClientBody {
+                    cause: "invalid chunk size".into(),
+                },
+                400,
+                "client_body",
+            ),
+            (ProxyError::ClientTimeout, 408, "client_timeout"),
+            (
+                ProxyError::Malformed(FramingError::UnknownCoding),
+                501,
+                "malformed_request",
+            ),
+            (
+                ProxyError::UnaskedUpgrade {
+                    endpoint: "10.0.0.1:80".parse().unwrap(),
+                },
+                502,
+                "unasked_upgrade",
             ),
         ];
         for (error, status, label) in cases {

@@ -12,10 +12,10 @@ use tracing::debug;
 use super::{
     Listener,
     balance::pick,
-    body::{PooledBody, ProxyBody},
+    body::{ClientBody, PooledBody, ProxyBody},
     edges::Caller,
     error::{ProxyError, fail_to_proxy},
-    headers::{prepare_uri, remove_hop_by_hop},
+    headers::{check_framing, prepare_uri, remove_hop_by_hop},
     pool::{self, Http1Conn},
     route::{Route, route},
     stamp,
@@ -34,8 +34,16 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let http1 = request.version() != Version::HTTP_2;
-    let snapshot = worker.snapshot();
     let metrics = &worker.shared.metrics;
+    if http1 && let Err(framing) = check_framing(&request) {
+        // The body's end cannot be trusted: nothing after it on this connection either.
+        let mut response = fail_to_proxy(&ProxyError::Malformed(framing), metrics);
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    let snapshot = worker.snapshot();
     let route = match route(
         &snapshot,
         listener,
@@ -130,6 +138,9 @@ async fn forward(
     let (endpoint, mut conn) = connect(route, |e| pool.http1(e)).await?;
     let _in_flight = endpoint.start();
     let address = endpoint.address;
+    let (head, body) = request.into_parts();
+    let (body, body_state) = ClientBody::new(body);
+    let request = Request::from_parts(head, body);
     let response = tokio::time::timeout(timeout, async {
         match conn.send(request).await {
             Ok(response) => Ok(response),
@@ -150,10 +161,21 @@ async fn forward(
         }
     })
     .await
-    .map_err(|_| ProxyError::Timeout { endpoint: address })??;
+    .map_err(|_| {
+        // Still waiting for the client's body: the client is the slow one.
+        if body_state.client_is_late() {
+            ProxyError::ClientTimeout
+        } else {
+            ProxyError::Timeout { endpoint: address }
+        }
+    })??;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ProxyError::UnaskedUpgrade { endpoint: address });
+    }
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers, false);
-    let body = PooledBody::new(body, conn, address, worker.pool.clone());
+    let read_timeout = worker.shared.limits.upstream_read_timeout;
+    let body = PooledBody::new(body, conn, address, worker.pool.clone(), read_timeout);
     Ok(Response::from_parts(parts, ProxyBody::Pooled(body)))
 }
 
@@ -204,7 +226,19 @@ fn unreachable(route: &Route, cause: anyhow::Error) -> ProxyError {
     }
 }
 
+/// A failed exchange: the upstream's failure, unless what failed was reading the client's
+/// own request body (hyper reports that as an error of the body it was given).
 fn upstream_failed(endpoint: SocketAddr, cause: hyper::Error) -> ProxyError {
+    use std::error::Error as _;
+    if cause.is_user()
+        && let Some(client) = cause
+            .source()
+            .and_then(|s| s.downcast_ref::<hyper::Error>())
+    {
+        return ProxyError::ClientBody {
+            cause: client.to_string(),
+        };
+    }
     ProxyError::UpstreamFailed { endpoint, cause }
 }
 

@@ -1,7 +1,9 @@
 //! What the proxy does to headers and URIs on the way through: hop-by-hop headers (RFC 9110
 //! section 7.6.1) and the upstream's request target.
 
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri, Version};
+
+use super::h1::head::{FramingError, check_transfer_coding};
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -67,6 +69,28 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.remove(http::header::CONNECTION);
         headers.remove(http::header::UPGRADE);
     }
+}
+
+/// RFC 9112's framing rules for a request hyper parsed, the ones hyper does not hold it to
+/// (what request-smuggling probes try): one Transfer-Encoding field whose codings are one
+/// `chunked`, last, never on HTTP/1.0; one Host. (Content-Length with Transfer-Encoding hyper
+/// handles itself: it drops the length and closes the connection after the exchange.)
+pub fn check_framing<B>(request: &Request<B>) -> Result<(), FramingError> {
+    let headers = request.headers();
+    let mut codings = headers.get_all(http::header::TRANSFER_ENCODING).iter();
+    if let Some(value) = codings.next() {
+        if codings.next().is_some() {
+            return Err(FramingError::Malformed("several transfer-encoding headers"));
+        }
+        if request.version() == Version::HTTP_10 {
+            return Err(FramingError::Malformed("transfer-encoding on HTTP/1.0"));
+        }
+        check_transfer_coding(value.as_bytes())?;
+    }
+    if headers.get_all(http::header::HOST).iter().nth(1).is_some() {
+        return Err(FramingError::Malformed("several host headers"));
+    }
+    Ok(())
 }
 
 /// `Connection: keep-alive` or `close` alone names no other header: the common case, which
@@ -167,6 +191,41 @@ mod tests {
         let mut map = headers(&[("te", "gzip, trailers")]);
         remove_hop_by_hop(&mut map, false);
         assert!(map.get("te").is_none());
+    }
+
+    #[test]
+    fn requests_framed_ambiguously_are_refused_before_they_are_forwarded() {
+        let status = |pairs: &[(&'static str, &'static str)], version: Version| {
+            let mut request = Request::builder().version(version).body(()).unwrap();
+            *request.headers_mut() = headers(pairs);
+            check_framing(&request).map_err(|e| e.status())
+        };
+        let v11 = Version::HTTP_11;
+        assert_eq!(status(&[("transfer-encoding", "chunked")], v11), Ok(()));
+        assert_eq!(
+            status(&[("content-length", "5"), ("host", "a")], v11),
+            Ok(())
+        );
+        for (pairs, expected) in [
+            (&[("transfer-encoding", "cow, chunked")][..], 501),
+            (&[("transfer-encoding", "identity, chunked")], 501),
+            (&[("transfer-encoding", "chunked, chunked")], 400),
+            (
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "chunked"),
+                ],
+                400,
+            ),
+            (&[("transfer-encoding", "chunked, gzip")], 400),
+            (&[("host", "a"), ("host", "b")], 400),
+        ] {
+            assert_eq!(status(pairs, v11), Err(expected), "{pairs:?}");
+        }
+        assert_eq!(
+            status(&[("transfer-encoding", "chunked")], Version::HTTP_10),
+            Err(400)
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod body;
 mod edges;
 mod error;
 mod forward;
+pub mod h1;
 mod headers;
 mod l4;
 mod pool;
@@ -90,8 +91,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// An HTTP/1 client connection that has not sent a whole request head this long after
     /// the previous response (or after connecting) is closed: idle keep-alive connections and
-    /// slow senders alike.
+    /// slow senders alike. So is an HTTP/2 one without a request this long (after GOAWAY).
     pub idle_timeout: Duration,
+    /// The longest silence of an upstream in the middle of an HTTP/1 response body.
+    pub upstream_read_timeout: Duration,
 }
 
 /// Runs hyper's background futures (HTTP/2 streams and connections) as tasks of the current

@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::LocalExec;
+use super::{LocalExec, body::ClientBody};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Idle HTTP/1.1 connections kept per endpoint and worker (each holds ~16 KB of buffers). Below
@@ -44,10 +44,10 @@ type Io = TokioIo<TcpStream>;
 /// in flight, then the response body) polls it, so request and response bytes move in the
 /// task of the client's connection, with no hand-off and no cross-thread wake-up.
 pub struct Http1Conn {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<ClientBody>,
     /// `None` once the connection has ended. Boxed: it is large, and moves with every
     /// check-in and check-out.
-    connection: Option<Box<http1::Connection<Io, Incoming>>>,
+    connection: Option<Box<http1::Connection<Io, ClientBody>>>,
 }
 
 impl Http1Conn {
@@ -86,8 +86,8 @@ impl Http1Conn {
     /// error carrying the request back means it was not sent: it may go on another connection.
     pub async fn send(
         &mut self,
-        request: Request<Incoming>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<Incoming>>> {
+        request: Request<ClientBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<ClientBody>>> {
         let mut response = std::pin::pin!(self.sender.try_send_request(request));
         let connection = &mut self.connection;
         std::future::poll_fn(|cx| {
@@ -278,12 +278,14 @@ mod tests {
                 let pool = pool.clone();
                 async move {
                     let mut conn = pool.http1(endpoint).await.unwrap();
+                    let request = request.map(|body| ClientBody::new(body).0);
                     let response = conn.send(request).await.unwrap();
                     let body = super::super::body::PooledBody::new(
                         response.into_body(),
                         conn,
                         endpoint,
                         pool,
+                        Duration::from_secs(60),
                     );
                     Ok::<_, Infallible>(Response::new(super::super::body::ProxyBody::Pooled(body)))
                 }

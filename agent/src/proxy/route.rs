@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, Request};
+use http::Request;
 
 use super::{
     Listener,
@@ -23,7 +23,7 @@ use super::{
     stamp::{self, VerifyStamp},
 };
 use crate::{
-    rules::CompiledRelease,
+    rules::{CompiledRelease, Tags},
     state::{ServiceRoutes, Snapshot, VersionRoutes},
 };
 
@@ -45,14 +45,50 @@ pub struct Route<'s> {
     pub decided: bool,
 }
 
+/// What the decision reads of a request, whichever codec parsed it (hyper's `Request`, or
+/// the HTTP/1 path's head).
+pub trait RequestView {
+    /// The authority of the target: an absolute-form target's, or HTTP/2's `:authority`.
+    fn authority(&self) -> Option<&str>;
+    /// The Host header.
+    fn host(&self) -> Option<&str>;
+    fn path(&self) -> &str;
+    fn stamp(&self) -> Option<stamp::Incoming<'_>>;
+    fn tags(&self) -> &dyn Tags;
+}
+
+impl<B> RequestView for Request<B> {
+    fn authority(&self) -> Option<&str> {
+        self.uri().authority().map(|a| a.as_str())
+    }
+
+    fn host(&self) -> Option<&str> {
+        self.headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    }
+
+    fn path(&self) -> &str {
+        self.uri().path()
+    }
+
+    fn stamp(&self) -> Option<stamp::Incoming<'_>> {
+        stamp::read(self.headers())
+    }
+
+    fn tags(&self) -> &dyn Tags {
+        self.headers()
+    }
+}
+
 /// Decides the route of `request`. `connected` is the service the client's connection was
 /// redirected to (from the datapath), if any.
-pub fn route<'s, B>(
+pub fn route<'s>(
     snapshot: &'s Snapshot,
     listener: Listener,
     connected: Option<&Arc<str>>,
     keys: &impl VerifyStamp,
-    request: &Request<B>,
+    request: &(impl RequestView + ?Sized),
 ) -> Result<Route<'s>, ProxyError> {
     let service = match connected {
         Some(name) => snapshot
@@ -60,14 +96,13 @@ pub fn route<'s, B>(
             .ok_or_else(|| ProxyError::UnknownService(name.clone()))?,
         None => service_from_request(snapshot, listener, request).ok_or(ProxyError::NoService)?,
     };
-    let headers: &HeaderMap = request.headers();
     let inside_mesh = listener == Listener::Redirect && connected.is_some();
-    let incoming = stamp::read(headers);
+    let incoming = request.stamp();
     let verified = incoming.filter(|s| inside_mesh && keys.verify(s.release, s.signature));
     let release = match verified {
         // A retired release: primary, and the stamp is left as it came.
         Some(stamp) => snapshot.rules.get(stamp.release),
-        None => snapshot.rules.decide(headers),
+        None => snapshot.rules.decide(request.tags()),
     };
     Ok(Route {
         service,
@@ -83,10 +118,10 @@ pub fn route<'s, B>(
 /// routes are the allowlist: what none of them takes is refused. Without routes (and for a
 /// redirect-listener connection the datapath did not redirect) the host names a service, by
 /// name or by one of its addresses.
-fn service_from_request<'s, B>(
+fn service_from_request<'s>(
     snapshot: &'s Snapshot,
     listener: Listener,
-    request: &Request<B>,
+    request: &(impl RequestView + ?Sized),
 ) -> Option<&'s ServiceRoutes> {
     let authority = authority_of(request);
     if authority.len() > MAX_HOST_LEN {
@@ -95,7 +130,7 @@ fn service_from_request<'s, B>(
     let host = host_of(authority);
     let routes = &snapshot.config.gateway.routes;
     if listener == Listener::Gateway && !routes.is_empty() {
-        let path = request.uri().path();
+        let path = request.path();
         let routed = routes.iter().find(|route| {
             route.host.as_deref().is_none_or(|h| host_of(h) == host)
                 && route
@@ -119,18 +154,10 @@ fn service_from_request<'s, B>(
     }
 }
 
-/// The authority a request names: an absolute-form target's, or HTTP/2's `:authority` (both
-/// are the URI's), over the Host header (RFC 9112 section 3.2.2; nginx and Envoy route so).
-fn authority_of<B>(request: &Request<B>) -> &str {
-    request
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            let host = request.headers().get(http::header::HOST)?;
-            host.to_str().ok()
-        })
-        .unwrap_or("")
+/// The authority a request names: an absolute-form target's, or HTTP/2's `:authority`, over
+/// the Host header (RFC 9112 section 3.2.2; nginx and Envoy route so).
+fn authority_of(request: &(impl RequestView + ?Sized)) -> &str {
+    request.authority().or_else(|| request.host()).unwrap_or("")
 }
 
 /// A host as names compare: without its port, in lower case, without a trailing dot.

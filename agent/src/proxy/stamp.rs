@@ -37,18 +37,27 @@ fn parse(value: &str) -> Incoming<'_> {
 
 /// The stamp a request carries: our header first, else the baggage member.
 pub fn read(headers: &HeaderMap) -> Option<Incoming<'_>> {
-    if let Some(value) = headers.get(&STAMP_HEADER) {
-        return value.to_str().ok().map(parse);
-    }
-    headers
+    let ours = headers.get(&STAMP_HEADER).map(|v| v.to_str().ok());
+    let baggage = headers
         .get_all(&BAGGAGE_HEADER)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .find_map(|member| {
-            let (key, value) = member.split_once('=')?;
-            (key.trim() == BAGGAGE_KEY).then(|| parse(value))
-        })
+        .filter_map(|v| v.to_str().ok());
+    read_values(ours, baggage)
+}
+
+/// The stamp in our header's value (`Some(None)`: present but not text), else in the
+/// baggage values: what [`read`] does, for any view of a request.
+pub fn read_values<'a>(
+    ours: Option<Option<&'a str>>,
+    baggage: impl Iterator<Item = &'a str>,
+) -> Option<Incoming<'a>> {
+    if let Some(value) = ours {
+        return value.map(parse);
+    }
+    baggage.flat_map(|v| v.split(',')).find_map(|member| {
+        let (key, value) = member.split_once('=')?;
+        (key.trim() == BAGGAGE_KEY).then(|| parse(value))
+    })
 }
 
 /// The keys stamps are signed with: the first signs, every one verifies. Rotation: put the new
@@ -203,12 +212,9 @@ impl VerifyStamp for CachedVerifier<'_> {
     }
 }
 
-/// The baggage members other than ours, joined again.
-fn other_members(headers: &HeaderMap) -> String {
-    headers
-        .get_all(&BAGGAGE_HEADER)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+/// The members of `baggage` values other than ours, joined again.
+pub fn other_members<'a>(baggage: impl Iterator<Item = &'a str>) -> String {
+    baggage
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|m| !m.is_empty())
@@ -217,12 +223,21 @@ fn other_members(headers: &HeaderMap) -> String {
         .join(",")
 }
 
+fn other_members_of(headers: &HeaderMap) -> String {
+    other_members(
+        headers
+            .get_all(&BAGGAGE_HEADER)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
+}
+
 /// Removes any stamp: what the gateway does to requests from outside the mesh, so no client
 /// can pick a release by forging it.
 pub fn strip(headers: &mut HeaderMap) {
     headers.remove(&STAMP_HEADER);
     if headers.contains_key(&BAGGAGE_HEADER) {
-        let others = other_members(headers);
+        let others = other_members_of(headers);
         headers.remove(&BAGGAGE_HEADER);
         if let Ok(value) = HeaderValue::from_str(&others)
             && !others.is_empty()
@@ -250,13 +265,23 @@ impl Stamp {
             member: HeaderValue::from_str(&format!("{BAGGAGE_KEY}={signed}")).ok()?,
         })
     }
+
+    /// The value of our header, `NAME;sig=SIG`.
+    pub fn value(&self) -> &[u8] {
+        self.release.as_bytes()
+    }
+
+    /// The baggage member, `steer-release=NAME;sig=SIG`.
+    pub fn member(&self) -> &[u8] {
+        self.member.as_bytes()
+    }
 }
 
 /// Stamps the request, keeping the other baggage members.
 pub fn write(headers: &mut HeaderMap, stamp: &Stamp) {
     headers.insert(STAMP_HEADER.clone(), stamp.release.clone());
     let others = if headers.contains_key(&BAGGAGE_HEADER) {
-        other_members(headers)
+        other_members_of(headers)
     } else {
         String::new()
     };

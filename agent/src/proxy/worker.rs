@@ -467,19 +467,23 @@ async fn connection(
     }
     // Whether a first request head arrived: until then the connection lives by `head_due`.
     let head_seen = Rc::new(std::cell::Cell::new(false));
+    let activity = Rc::new(Activity::default());
     let service = {
         let worker = worker.clone();
         let drain = drain.clone();
         let head_seen = head_seen.clone();
+        let activity = activity.clone();
         service_fn(move |request| {
             head_seen.set(true);
             let worker = worker.clone();
             let connected = connected.clone();
             let drain = drain.clone();
             let caller = caller.clone();
+            let busy = activity.start();
             async move {
                 let response =
                     handle(&worker, kind, connected.as_ref(), &drain, &caller, request).await;
+                drop(busy);
                 Ok::<_, Infallible>(response)
             }
         })
@@ -489,17 +493,27 @@ async fn connection(
         let connection = http2::Builder::new(LocalExec)
             .max_header_list_size(MAX_HEADER_BYTES as u32)
             .serve_connection(io, service);
-        // GOAWAY at once: HTTP/2 clients move on by themselves, streams in flight finish.
-        let goodbye = Duration::ZERO;
-        until_drained(
-            connection,
-            |c| c.graceful_shutdown(),
-            goodbye,
-            &mut drain,
-            peer,
-            None,
-        )
-        .await;
+        let idle_timeout = worker.shared.limits.idle_timeout;
+        let mut connection = std::pin::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            // GOAWAY at once: HTTP/2 clients move on by themselves, streams in flight finish.
+            _ = drain.signaled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+            // A connection that never completed its preface, or went quiet: GOAWAY, and
+            // closed if the client does not close it first.
+            _ = activity.idle(idle_timeout, connected_at) => {
+                connection.as_mut().graceful_shutdown();
+                tokio::time::timeout(idle_timeout, connection)
+                    .await
+                    .unwrap_or(Ok(()))
+            }
+        };
+        if let Err(err) = result {
+            debug!(%peer, error = %err, "client connection ended");
+        }
     } else {
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -518,6 +532,49 @@ async fn connection(
             Some((head_due, &head_seen)),
         )
         .await;
+    }
+}
+
+/// The requests of an HTTP/2 client connection: how many are being answered, and when the
+/// last one was. Pings and other frames are not activity: a client stack answers those by
+/// itself, so they would keep a forgotten connection open forever.
+#[derive(Default)]
+struct Activity {
+    in_flight: std::cell::Cell<usize>,
+    last: std::cell::Cell<Option<tokio::time::Instant>>,
+}
+
+/// A request being answered; when it drops, the connection's idle time starts again.
+struct Busy(Rc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        activity.in_flight.set(activity.in_flight.get() - 1);
+        activity.last.set(Some(tokio::time::Instant::now()));
+    }
+}
+
+impl Activity {
+    fn start(self: &Rc<Self>) -> Busy {
+        self.in_flight.set(self.in_flight.get() + 1);
+        Busy(self.clone())
+    }
+
+    /// Resolves once no request has been answered for `timeout` (counted from `since`, the
+    /// accept, before the first).
+    async fn idle(&self, timeout: Duration, since: tokio::time::Instant) {
+        loop {
+            let last = self.last.get().unwrap_or(since);
+            if self.in_flight.get() == 0 && last.elapsed() >= timeout {
+                return;
+            }
+            tokio::time::sleep_until(last + timeout).await;
+            if self.in_flight.get() > 0 {
+                // Looked at again a timeout after this one ends.
+                tokio::time::sleep(timeout).await;
+            }
+        }
     }
 }
 

@@ -26,6 +26,7 @@ use anyhow::{Context, Result};
 pub use matcher::{
     Condition, MatcherError, Matchers, Share, Test, WholeValueRegex, rank_order, sticky_hash,
 };
+pub(crate) use tags::joined;
 pub use tags::{HeaderPairs, Tags};
 
 use crate::config::{Config, Release};

@@ -15,7 +15,7 @@ pub trait Tags {
 }
 
 /// Values joined by `,`; borrowed when there is one.
-fn joined<'a>(mut values: impl Iterator<Item = &'a str>) -> Option<Cow<'a, str>> {
+pub(crate) fn joined<'a>(mut values: impl Iterator<Item = &'a str>) -> Option<Cow<'a, str>> {
     let first = values.next()?;
     let Some(second) = values.next() else {
         return Some(Cow::Borrowed(first));
