@@ -67,6 +67,22 @@ pub struct GatewayRoute {
     pub service: String,
 }
 
+/// A host as the gateway's routes and service names compare it: without its port or a
+/// trailing dot; compared without ASCII case (`host_key` is the lower-cased form).
+pub fn bare_host(authority: &str) -> &str {
+    let host = match authority.rsplit_once(':') {
+        // An IPv6 literal's colons are inside its brackets.
+        Some((host, port)) if !port.contains(']') => host,
+        _ => authority,
+    };
+    host.strip_suffix('.').unwrap_or(host)
+}
+
+/// `bare_host` in lower case: what two hosts that compare equal have in common.
+pub fn host_key(authority: &str) -> String {
+    bare_host(authority).to_ascii_lowercase()
+}
+
 /// A mesh service: the addresses callers connect to and the versions that serve it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -461,6 +477,20 @@ releases:
         assert!(err.column.is_some());
         assert!(err.to_string().starts_with("f.yaml:4:"), "{err}");
         assert!(err.reason.contains("prio"), "{err}");
+    }
+
+    #[test]
+    fn hosts_compare_without_port_trailing_dot_or_case() {
+        for (authority, bare) in [
+            ("shop.example", "shop.example"),
+            ("Shop.Example.:8443", "Shop.Example"),
+            ("10.0.0.1:80", "10.0.0.1"),
+            ("[fd00::1]:80", "[fd00::1]"),
+            ("[fd00::1]", "[fd00::1]"),
+        ] {
+            assert_eq!(bare_host(authority), bare, "{authority}");
+        }
+        assert_eq!(host_key("Shop.Example."), "shop.example");
     }
 
     #[test]

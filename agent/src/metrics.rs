@@ -175,8 +175,9 @@ impl Default for Metrics {
         );
         registry.register(
             "request_errors",
-            "Requests steer answered itself, by reason (no_service, unknown_service, \
-             no_endpoint, connect_failed, upstream_failed, timeout)",
+            "Requests steer answered itself, by reason (malformed_request, no_service, \
+             unknown_service, no_endpoint, connect_failed, upstream_failed, timeout, \
+             client_body, client_timeout, unasked_upgrade)",
             request_errors.clone(),
         );
         registry.register(

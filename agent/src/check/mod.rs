@@ -418,7 +418,7 @@ fn check_gateway(config: &Config, report: &mut Report) {
             );
         }
         let key = (
-            route.host.as_deref().map(names::route_host_key),
+            route.host.as_deref().map(crate::config::host_key),
             route.path_prefix.as_deref(),
         );
         if !seen.insert(key) {

@@ -100,11 +100,6 @@ pub fn route_host(host: &str) -> Result<(), &'static str> {
     dns_subdomain(&host.to_ascii_lowercase())
 }
 
-/// A route's host as the gateway compares it: without case and without a trailing dot.
-pub fn route_host_key(host: &str) -> String {
-    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +192,5 @@ mod tests {
         for bad in ["", "shop example", "café.example", "[::1]"] {
             assert!(route_host(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(route_host_key("Shop.Example."), "shop.example");
     }
 }

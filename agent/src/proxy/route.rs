@@ -23,6 +23,7 @@ use super::{
     stamp::{self, VerifyStamp},
 };
 use crate::{
+    config::{bare_host, host_key},
     rules::{CompiledRelease, Tags},
     state::{ServiceRoutes, Snapshot, VersionRoutes},
 };
@@ -127,12 +128,11 @@ fn service_from_request<'s>(
     if authority.len() > MAX_HOST_LEN {
         return None;
     }
-    let host = host_of(authority);
     let routes = &snapshot.config.gateway.routes;
     if listener == Listener::Gateway && !routes.is_empty() {
-        let path = request.path();
+        let (host, path) = (bare_host(authority), request.path());
         let routed = routes.iter().find(|route| {
-            route.host.as_deref().is_none_or(|h| host_of(h) == host)
+            (route.host.as_deref()).is_none_or(|h| bare_host(h).eq_ignore_ascii_case(host))
                 && route
                     .path_prefix
                     .as_deref()
@@ -145,6 +145,7 @@ fn service_from_request<'s>(
     }
     // The longest leading part that names a service: `restaurant.food.svc.cluster.local` is
     // `restaurant.food` on Kubernetes and `restaurant` in a file.
+    let host = host_key(authority);
     let mut name = host.as_str();
     loop {
         if let Some(service) = snapshot.service(name) {
@@ -158,16 +159,6 @@ fn service_from_request<'s>(
 /// the Host header (RFC 9112 section 3.2.2; nginx and Envoy route so).
 fn authority_of(request: &(impl RequestView + ?Sized)) -> &str {
     request.authority().or_else(|| request.host()).unwrap_or("")
-}
-
-/// A host as names compare: without its port, in lower case, without a trailing dot.
-fn host_of(authority: &str) -> String {
-    let host = match authority.rsplit_once(':') {
-        // An IPv6 literal's colons are inside its brackets.
-        Some((host, port)) if !port.contains(']') => host,
-        _ => authority,
-    };
-    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
 }
 
 #[cfg(test)]

@@ -6,9 +6,9 @@
 //! nor an outside client whose `baggage` an application passes on can choose a release; a
 //! stamp that does not verify is no stamp, and the rules decide from the tags.
 
-use std::{cell::RefCell, path::Path};
+use std::cell::RefCell;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use ring::hmac;
@@ -90,54 +90,6 @@ impl StampKeys {
             bail!("no key");
         }
         Ok(StampKeys(keys))
-    }
-
-    /// Reads the key file, or makes one with a new random key when there is none (file mode
-    /// on one machine; a cluster mounts one Secret on every node instead).
-    pub fn load_or_create(path: &Path) -> Result<StampKeys> {
-        let read = |path: &Path| -> Result<StampKeys> {
-            let text = std::fs::read_to_string(path)?;
-            StampKeys::from_text(&text)
-        };
-        if path.exists() {
-            return read(path).with_context(|| format!("stamp key file {}", path.display()));
-        }
-        let mut key = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
-            .map_err(|_| anyhow::anyhow!("no randomness for a stamp key"))?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        use std::{io::Write, os::unix::fs::OpenOptionsExt};
-        // create_new: of agents starting together, one writes and the others read its key.
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-        {
-            Ok(mut file) => {
-                writeln!(file, "{}", URL_SAFE_NO_PAD.encode(key))?;
-                tracing::info!(path = %path.display(), "made a new stamp key");
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(err) => {
-                return Err(err).with_context(|| format!("cannot write {}", path.display()));
-            }
-        }
-        // Written whole before it is read: a file another agent is writing may be short.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        loop {
-            match read(path) {
-                Ok(keys) => return Ok(keys),
-                Err(_) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(err) => {
-                    return Err(err).with_context(|| format!("stamp key file {}", path.display()));
-                }
-            }
-        }
     }
 
     fn signature(key: &hmac::Key, release: &str) -> String {
@@ -402,19 +354,6 @@ mod tests {
             assert!(!cached.verify("blue", Some(&good)));
         }
         assert_eq!(signatures.borrow().len(), 2);
-    }
-
-    #[test]
-    fn a_missing_key_file_is_made_once_and_read_back() {
-        let dir = std::env::temp_dir().join(format!("steer-stamp-key-{}", std::process::id()));
-        let path = dir.join("key");
-        let made = StampKeys::load_or_create(&path).unwrap();
-        let again = StampKeys::load_or_create(&path).unwrap();
-        assert_eq!(made.sign("red"), again.sign("red"));
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
