@@ -23,7 +23,7 @@ use steer::config::{Config, Matcher, Release, Version};
 use steer_tests::http;
 
 /// The placeholder of the marker release's number in a prepared text.
-const MARKER: &str = "bench-apply-MARKER";
+const MARKER: &str = "bench-apply-marker";
 /// The header of the marker release.
 const HEADER: &str = "x-bench-apply";
 /// Longer than this from write to served is a failure, not a figure.
