@@ -86,3 +86,15 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// `read`, again when a signal interrupted it: a socket read with a timeout is never restarted
+/// after a signal handler ran (signal(7)), and a test process has handlers (tokio's SIGCHLD)
+/// while the pods it started exit.
+pub fn read_some(stream: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            read => return read,
+        }
+    }
+}

@@ -49,7 +49,9 @@ fn backend(status: u16) -> SocketAddr {
             std::thread::spawn(move || {
                 let mut head = Vec::new();
                 let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                while !head.ends_with(b"\r\n\r\n")
+                    && http::read_some(&mut stream, &mut byte).unwrap_or(0) == 1
+                {
                     head.push(byte[0]);
                 }
                 let reply = format!(
@@ -137,7 +139,7 @@ fn closed_unanswered(mut stream: TcpStream) -> bool {
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let mut buf = [0u8; 64];
-    match stream.read(&mut buf) {
+    match http::read_some(&mut stream, &mut buf) {
         Ok(0) => true,
         Err(err) if err.kind() == ErrorKind::ConnectionReset => true,
         _ => false,

@@ -263,12 +263,12 @@ fn upgrades_pass_through_both_ways() {
         .write_all(b"GET / HTTP/1.1\r\nhost: order\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
         .unwrap();
     let mut head = [0u8; 512];
-    let n = stream.read(&mut head).unwrap();
+    let n = http::read_some(&mut stream, &mut head).unwrap();
     let head = String::from_utf8_lossy(&head[..n]);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     stream.write_all(b"ping over the upgraded stream").unwrap();
     let mut echo = [0u8; 64];
-    let n = stream.read(&mut echo).unwrap();
+    let n = http::read_some(&mut stream, &mut echo).unwrap();
     assert_eq!(&echo[..n], b"ping over the upgraded stream");
 }
 
@@ -285,8 +285,7 @@ fn bodies_stream_through_the_proxy_both_ways() {
     let mut read_until = |stream: &mut TcpStream, want: &str| {
         let mut chunk = [0u8; 1024];
         while !String::from_utf8_lossy(&received).contains(want) {
-            let n = stream
-                .read(&mut chunk)
+            let n = http::read_some(stream, &mut chunk)
                 .unwrap_or_else(|e| panic!("waiting for {want:?}: {e}"));
             assert!(n > 0, "closed before {want:?}");
             received.extend_from_slice(&chunk[..n]);
@@ -385,7 +384,7 @@ fn exchange(to: SocketAddr, bytes: &[u8]) -> String {
     stream.write_all(bytes).unwrap();
     let mut received = Vec::new();
     let mut chunk = [0u8; 4096];
-    while let Ok(n) = stream.read(&mut chunk) {
+    while let Ok(n) = http::read_some(&mut stream, &mut chunk) {
         if n == 0 {
             break;
         }
@@ -1031,7 +1030,7 @@ fn read_response(stream: &mut TcpStream) -> (String, String) {
     let mut raw = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        let n = stream.read(&mut chunk).unwrap();
+        let n = http::read_some(stream, &mut chunk).unwrap();
         assert!(
             n > 0,
             "closed before a whole response: {:?}",
@@ -1074,7 +1073,7 @@ fn sigterm_lets_keep_alive_clients_finish_and_keeps_tunnels_for_the_grace_period
         .write_all(b"GET / HTTP/1.1\r\nhost: order\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
         .unwrap();
     let mut head = [0u8; 512];
-    let n = tunnel.read(&mut head).unwrap();
+    let n = http::read_some(&mut tunnel, &mut head).unwrap();
     assert!(head[..n].starts_with(b"HTTP/1.1 101"));
 
     let agent = scenario.agent.as_mut().unwrap();
@@ -1100,7 +1099,7 @@ fn sigterm_lets_keep_alive_clients_finish_and_keeps_tunnels_for_the_grace_period
     std::thread::sleep(Duration::from_millis(1500).saturating_sub(signaled.elapsed()));
     tunnel.write_all(b"still there").unwrap();
     let mut echo = [0u8; 64];
-    let n = tunnel.read(&mut echo).unwrap();
+    let n = http::read_some(&mut tunnel, &mut echo).unwrap();
     assert_eq!(&echo[..n], b"still there");
     drop(tunnel);
     let exited = exit_within(agent, Duration::from_secs(60));
@@ -1251,7 +1250,7 @@ fn a_broken_or_slow_request_body_is_the_clients_failure_not_the_versions() {
     )
     .unwrap();
     let mut answer = [0u8; 512];
-    let n = slow.read(&mut answer).unwrap();
+    let n = http::read_some(&mut slow, &mut answer).unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     // A version that takes in none of a large body and does not answer is the slow one, even
@@ -1271,7 +1270,7 @@ fn a_broken_or_slow_request_body_is_the_clients_failure_not_the_versions() {
         let _ = sender.write_all(&vec![b'x'; size]);
     });
     let mut answer = [0u8; 512];
-    let n = upload.read(&mut answer).unwrap();
+    let n = http::read_some(&mut upload, &mut answer).unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
     drop(upload);
